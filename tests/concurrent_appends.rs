@@ -13,7 +13,7 @@ const EVENTS_PER_WRITER: u64 = 8;
 const TOTAL: u64 = WRITERS * EVENTS_PER_WRITER;
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn writer_event(writer: u64, i: u64) -> Value {
+fn numbered_event(writer: u64, i: u64) -> Value {
     json!({"type": "w", "payload": {"writer": writer, "i": i}, "actor": format!("agent:w{writer}")})
 }
 
@@ -22,7 +22,7 @@ async fn run_writer(server: &Server, id: &str, writer: u64) -> Vec<Ack> {
     let client = reqwest::Client::new();
     let mut acks = Vec::new();
     for i in 0..EVENTS_PER_WRITER {
-        let event = writer_event(writer, i);
+        let event = numbered_event(writer, i);
         let (status, body) = append_with(&client, server, id, &event).await;
         assert_eq!(status, 201, "writer {writer} event {i}: {body}");
         let seq = body["seq"].as_u64().expect("append response has a seq");
@@ -90,7 +90,7 @@ async fn simultaneous_appends_get_distinct_seqs() {
         let server = &server;
         async move {
             let client = reqwest::Client::new();
-            let event = writer_event(n / EVENTS_PER_WRITER, n % EVENTS_PER_WRITER);
+            let event = numbered_event(n / EVENTS_PER_WRITER, n % EVENTS_PER_WRITER);
             let (status, body) = append_with(&client, server, "ses-burst", &event).await;
             assert_eq!(status, 201, "simultaneous append {n}: {body}");
             Ack {

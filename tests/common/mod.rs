@@ -1122,3 +1122,212 @@ where
         .await
         .expect("failed to send a text frame on the tail");
 }
+
+// ---------------------------------------------------------------------------
+// Background writers for crash and shutdown tests
+// ---------------------------------------------------------------------------
+
+/// What a background writer sent and what the server acknowledged.
+#[derive(Debug, Default)]
+pub struct WriterLog {
+    pub session: String,
+    pub writer: u64,
+    /// Every event sent, indexed by its `payload.i`, acked or not.
+    pub sent: Vec<Value>,
+    pub acks: Vec<Ack>,
+    /// The response that stopped the writer: a non-201 status and body, or
+    /// `None` when a transport error (connection refused or reset) did.
+    pub stopped_by: Option<(u16, String)>,
+}
+
+/// Event number `i` of background writer `writer`, with padding so that a
+/// crash is likely to tear a record.
+pub fn writer_event(writer: u64, i: u64) -> Value {
+    json!({
+        "type": "x",
+        "payload": {"writer": writer, "i": i, "pad": "p".repeat(100)},
+        "actor": format!("agent:w{writer}")
+    })
+}
+
+/// Spawns a writer that appends `writer_event(writer, 0..)` to `session`
+/// one at a time until a request fails, `max_events` were sent, or `stop`
+/// is set. Every 201 increments `acked`.
+pub fn spawn_writer(
+    server: &Server,
+    session: &str,
+    writer: u64,
+    max_events: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::JoinHandle<WriterLog> {
+    use std::sync::atomic::Ordering;
+
+    let client = reqwest::Client::new();
+    let url = server.http(&format!("{}/append", session_path(session)));
+    let mut log = WriterLog {
+        session: session.to_string(),
+        writer,
+        ..WriterLog::default()
+    };
+
+    tokio::spawn(async move {
+        for i in 0..max_events {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let event = writer_event(writer, i);
+            log.sent.push(event.clone());
+
+            let response = match client.post(&url).json(&event).send().await {
+                Ok(response) => response,
+                Err(_) => break,
+            };
+            let status = response.status().as_u16();
+            let Ok(body) = response.text().await else {
+                break;
+            };
+            if status != 201 {
+                log.stopped_by = Some((status, body));
+                break;
+            }
+            let parsed: Value = serde_json::from_str(&body).expect("201 body is JSON");
+            let seq = parsed["seq"].as_u64().expect("201 body has a seq");
+            log.acks.push(Ack { seq, event });
+            acked.fetch_add(1, Ordering::Relaxed);
+        }
+        log
+    })
+}
+
+/// Waits until `acked` reaches `target` or `limit` passes.
+pub async fn wait_for_acks(
+    acked: &std::sync::atomic::AtomicU64,
+    target: u64,
+    limit: Duration,
+) -> u64 {
+    use std::sync::atomic::Ordering;
+
+    let deadline = tokio::time::Instant::now() + limit;
+    while acked.load(Ordering::Relaxed) < target && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    acked.load(Ordering::Relaxed)
+}
+
+/// Checks a session after a crash or shutdown against its writers' logs:
+/// seqs run 1..=last_seq without gap, every acked event sits at its seq
+/// unchanged, every stored event is one that a writer sent (complete) and
+/// none is stored twice, and the next append gets last_seq + 1.
+pub async fn verify_recovered_session(server: &Server, session: &str, logs: &[&WriterLog]) {
+    let last = last_seq(server, session).await;
+    let highest_ack = logs
+        .iter()
+        .flat_map(|log| log.acks.iter().map(|ack| ack.seq))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        last >= highest_ack,
+        "{session}: last_seq {last} is below the highest acked seq {highest_ack}"
+    );
+
+    let frames = tail_collect(server, session, 0, last, Duration::from_secs(60)).await;
+    assert_gapless(&frames, 1, last, &format!("{session} after restart"));
+
+    for log in logs {
+        for ack in &log.acks {
+            let frame = &frames[(ack.seq - 1) as usize];
+            for field in ["type", "actor", "payload"] {
+                assert_eq!(
+                    frame[field], ack.event[field],
+                    "{session}: acked seq {} changed its {field} after restart",
+                    ack.seq
+                );
+            }
+        }
+    }
+
+    let mut seen = std::collections::HashSet::new();
+    for frame in &frames {
+        let writer = frame["payload"]["writer"].as_u64();
+        let index = frame["payload"]["i"].as_u64();
+        let (Some(writer), Some(index)) = (writer, index) else {
+            panic!("{session}: stored event was not sent by any writer: {frame}");
+        };
+        let log = logs
+            .iter()
+            .find(|log| log.writer == writer)
+            .unwrap_or_else(|| panic!("{session}: event from unknown writer {writer}: {frame}"));
+        let sent = log
+            .sent
+            .get(index as usize)
+            .unwrap_or_else(|| panic!("{session}: writer {writer} never sent i={index}: {frame}"));
+        assert_eq!(
+            frame["payload"], sent["payload"],
+            "{session}: stored event is incomplete or altered"
+        );
+        assert_eq!(
+            frame["actor"], sent["actor"],
+            "{session}: stored actor differs from the sent one"
+        );
+        assert!(
+            seen.insert((writer, index)),
+            "{session}: writer {writer} event {index} stored twice"
+        );
+    }
+
+    let next = append_ok(server, session, tick(0)).await;
+    assert_eq!(next, last + 1, "{session}: next append after restart");
+}
+
+/// How a tail followed by [`follow_gapless`] ended before the target seq.
+#[derive(Debug)]
+pub struct TailStopped {
+    /// Last seq received before the stop.
+    pub last_seq: u64,
+    pub item: TailItem,
+}
+
+/// Reads events after `after` until seq `until` arrives, asserting that
+/// each frame carries exactly the next seq. Frames are not kept, so many
+/// readers can follow long logs. Returns the stop reason if the tail
+/// closes or times out first.
+pub async fn follow_gapless<S>(
+    tail: &mut S,
+    after: u64,
+    until: u64,
+    timeout: Duration,
+    context: &str,
+) -> Result<(), TailStopped>
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = after;
+    while last < until {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match next_item(tail, remaining).await {
+            TailItem::Event(frame) => {
+                let seq = frame_seq(&frame);
+                assert_eq!(
+                    seq,
+                    last + 1,
+                    "{context}: seq {seq} arrived after seq {last}"
+                );
+                last = seq;
+            }
+            item => {
+                return Err(TailStopped {
+                    last_seq: last,
+                    item,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An event with about `pad` bytes of padding in its payload.
+pub fn padded_tick(n: u64, pad: usize) -> Value {
+    json!({"type": "tick", "payload": {"n": n, "pad": "p".repeat(pad)}, "actor": "agent:a"})
+}
