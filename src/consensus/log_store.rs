@@ -88,13 +88,18 @@ impl EntryCache {
 
 fn entry_size(entry: &Entry<TypeConfig>) -> usize {
     let payload = match &entry.payload {
-        EntryPayload::Normal(command) => match command.as_ref() {
-            Command::Append(append) => append.frame_tail.len(),
-            Command::CreateSession(create) => create.metadata.len(),
-        },
+        EntryPayload::Normal(command) => command_size(command),
         _ => 0,
     };
     payload + 128
+}
+
+fn command_size(command: &Command) -> usize {
+    match command {
+        Command::Append(append) => append.frame_tail.len() + 128,
+        Command::CreateSession(create) => create.metadata.len() + 128,
+        Command::Batch(commands) => commands.iter().map(command_size).sum(),
+    }
 }
 
 impl LogStore {
