@@ -547,16 +547,52 @@ async fn append_body_size_limit() {
     assert_eq!(seq, 3, "the next append after rejected large bodies");
 }
 
-/// Sends a JSON event that is too large through `reqwest`.
+/// Sends a JSON event that is too large through a one-off `reqwest`
+/// client, so the shared client's connection pool is not involved.
 async fn send_large_body_json(server: &Server, path: &str, event: &Value) -> (u16, Value) {
-    send_raw(
-        server,
-        Method::POST,
-        path,
-        Some("application/json"),
-        event.to_string().into_bytes(),
-    )
-    .await
+    let response = reqwest::Client::new()
+        .post(server.http(path))
+        .json(event)
+        .send()
+        .await
+        .expect("oversized append request failed");
+    read_json(response).await
+}
+
+/// A keep-alive client that sent an oversized body must be able to send
+/// its next request: the server either drains the body or announces
+/// `Connection: close` on the 413.
+#[tokio::test]
+async fn oversized_body_keeps_client_usable() {
+    let server = Server::start();
+    create_ok(&server, "s").await;
+    let client = reqwest::Client::new();
+    let over =
+        json!({"type": "blob", "payload": {"data": "x".repeat(1_048_576)}, "actor": "agent:a"});
+
+    for attempt in 1..=5 {
+        let response = client
+            .post(server.http(&append_path("s")))
+            .json(&over)
+            .send()
+            .await
+            .expect("oversized append request failed");
+        let connection = response
+            .headers()
+            .get(reqwest::header::CONNECTION)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string);
+        let (status, body) = read_json(response).await;
+        assert_error(status, &body, 413, "payload_too_large", "oversized append");
+
+        let next = client.get(server.http(&session_path("s"))).send().await;
+        assert!(
+            next.is_ok(),
+            "attempt {attempt}: the request after a 413 failed on the same client ({:?}); \
+             the 413 carried Connection: {connection:?}",
+            next.err()
+        );
+    }
 }
 
 #[tokio::test]

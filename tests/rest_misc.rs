@@ -82,7 +82,9 @@ async fn metrics_count_appends() {
 
     append_ticks(&server, "m", 4, 7, 2).await;
 
-    let _tail = tail_open(&server, "m", 0).await;
+    // Reading a frame proves the tail is running, so the gauge is updated.
+    let mut tail = tail_open(&server, "m", 0).await;
+    read_until(&mut tail, 1, std::time::Duration::from_secs(30)).await;
     let after = metrics_text(&server).await;
     let appends_after = metric_sum(&after, "starcite_events_append_total")
         .unwrap_or_else(|| panic!("/metrics lacks starcite_events_append_total:\n{after}"));
@@ -93,5 +95,23 @@ async fn metrics_count_appends() {
     );
     for series in ["starcite_events_payload_bytes", "starcite_tail_connections"] {
         assert!(after.contains(series), "/metrics lacks {series}:\n{after}");
+    }
+}
+
+/// Dashboards need every series from the start, not only after first use.
+#[tokio::test]
+async fn metrics_list_series_at_start() {
+    let server = Server::start();
+    let text = metrics_text(&server).await;
+
+    for series in [
+        "starcite_events_append_total",
+        "starcite_events_payload_bytes",
+        "starcite_tail_connections",
+    ] {
+        assert!(
+            text.contains(series),
+            "/metrics of a fresh server lacks {series}:\n{text}"
+        );
     }
 }
