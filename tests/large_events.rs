@@ -61,14 +61,15 @@ async fn large_events_round_trip() {
 
     let over =
         json!({"type": "blob", "payload": {"data": "x".repeat(MAX_BODY)}, "actor": "agent:a"});
-    let (status, body) = send_raw(
-        &server,
-        reqwest::Method::POST,
-        "/v1/sessions/ses-large/append",
-        Some("application/json"),
-        over.to_string().into_bytes(),
-    )
-    .await;
+    // A one-off client, because the connection that carried a rejected
+    // body may be closed and must not be reused by later requests.
+    let response = reqwest::Client::new()
+        .post(server.http("/v1/sessions/ses-large/append"))
+        .json(&over)
+        .send()
+        .await
+        .expect("oversized append request failed");
+    let (status, body) = read_json(response).await;
     assert_error(
         status,
         &body,

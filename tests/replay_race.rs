@@ -9,7 +9,7 @@ use common::*;
 
 /// Rounds of the race. Each round preloads 2,000 events and races 500 more
 /// against the replay, with a random 0–50 ms head start for the tail.
-const ROUNDS: u64 = 10;
+const ROUNDS: u64 = 50;
 const PRELOADED: u64 = 2_000;
 const RACED: u64 = 500;
 

@@ -570,7 +570,7 @@ async fn oversized_body_keeps_client_usable() {
     let over =
         json!({"type": "blob", "payload": {"data": "x".repeat(1_048_576)}, "actor": "agent:a"});
 
-    for attempt in 1..=5 {
+    for attempt in 1..=20 {
         let response = client
             .post(server.http(&append_path("s")))
             .json(&over)

@@ -1331,3 +1331,24 @@ where
 pub fn padded_tick(n: u64, pad: usize) -> Value {
     json!({"type": "tick", "payload": {"n": n, "pad": "p".repeat(pad)}, "actor": "agent:a"})
 }
+
+/// Sends a complete JSON `POST` over a plain socket and closes the socket
+/// without reading the response, like a client or proxy that gives up
+/// right after sending. Whether the server stored the request is unknown
+/// to the caller.
+pub async fn send_and_hang_up(server: &Server, path: &str, body: &Value) {
+    let body = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        server.addr,
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("failed to connect to the server");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("failed to send the request");
+    drop(stream);
+}
