@@ -88,7 +88,10 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
         write_buffer_bytes: settings.storage_write_buffer_mb * 1024 * 1024,
     };
     tokio::task::spawn_blocking(move || Store::open(&path, shards, &tuning))
-        .await?
+        .await
+        .context(
+            "the storage engine panicked while recovering; the storage files are likely corrupt",
+        )?
         .with_context(|| {
             format!(
                 "opening the data directory {} failed; an error about a checksum or the \
