@@ -15,6 +15,9 @@ use std::time::Instant;
 
 use tracing::{error, info};
 
+use fjall::PersistMode;
+
+use super::journal_sync::JournalFiles;
 use super::watermark::{self, Watermark};
 use super::Store;
 
@@ -113,6 +116,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// one fsync group behind `latest`.
 struct Progress {
     data_dir: PathBuf,
+    journals: JournalFiles,
+    /// Set by the first failed fsync; every later flush fails too.
+    failed: bool,
     latest: Watermark,
     lagging: Watermark,
     written: Watermark,
@@ -153,6 +159,8 @@ fn run(shared: &Shared, store: &Store, data_dir: &Path) {
     };
     let mut progress = Progress {
         data_dir: data_dir.to_path_buf(),
+        journals: JournalFiles::new(data_dir),
+        failed: false,
         latest: recorded.clone(),
         lagging: recorded.clone(),
         written: recorded,
@@ -183,9 +191,25 @@ fn take_batch(shared: &Shared) -> (Vec<Waiter>, bool) {
     (std::mem::take(&mut queue.waiters), queue.stopping)
 }
 
+/// Hands fjall's buffered journal bytes to the OS, then fsyncs the journal
+/// files outside fjall's lock.
+fn persist(store: &Store, progress: &mut Progress) -> Result<(), String> {
+    if progress.failed {
+        return Err("an earlier fsync failed; restart the server".to_string());
+    }
+    store
+        .keyspace
+        .persist(PersistMode::Buffer)
+        .map_err(|err| format!("writing the journal failed: {err}"))?;
+    progress
+        .journals
+        .sync_all()
+        .map_err(|err| format!("fsync of the journal failed: {err}"))
+}
+
 fn flush(store: &Store, batch: Vec<Waiter>, progress: &mut Progress) {
     let started = Instant::now();
-    let result = store.persist();
+    let result = persist(store, progress);
     let elapsed = started.elapsed();
 
     let entries: usize = batch.iter().map(|waiter| waiter.entries).sum();
@@ -199,9 +223,11 @@ fn flush(store: &Store, batch: Vec<Waiter>, progress: &mut Progress) {
             }
         }
         Err(err) => {
-            // The journal may now be in an unknown state, so every waiter fails
-            // and its Raft group stops instead of acknowledging.
-            error!(error = %err, waiters = batch.len(), "fsync failed");
+            // After a failed fsync the kernel may have dropped the dirty pages,
+            // so nothing written before can be trusted as durable: this and
+            // every later waiter fails, and the Raft groups stop.
+            progress.failed = true;
+            error!(error = %err, waiters = batch.len(), "fsync failed; no further appends will be acknowledged");
             for waiter in batch {
                 (waiter.callback)(Err(io::Error::other(err.to_string())));
             }

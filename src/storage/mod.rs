@@ -6,6 +6,7 @@
 //! durable at once; [`flusher`] builds group commit on that.
 
 pub mod flusher;
+mod journal_sync;
 pub mod keys;
 mod store;
 pub mod watermark;
