@@ -1,0 +1,88 @@
+//! Settings: every one is a command-line flag and an environment variable.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Starcite: ordered, durable session event logs with live WebSocket tails.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "starcite", version, about)]
+pub struct Settings {
+    /// Address to listen on. The default keeps the server private to this
+    /// machine; use 0.0.0.0 behind a gateway or in a container.
+    #[arg(long, env = "STARCITE_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// TCP port for HTTP and WebSocket; 0 picks a free port (logged at start).
+    #[arg(long, env = "PORT", default_value_t = 4000)]
+    pub port: u16,
+
+    /// Data directory: the Raft logs and the event store. Created if missing.
+    #[arg(long, env = "STARCITE_RAFT_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Number of shards (Raft groups). Fixed when the data directory is created.
+    #[arg(long, env = "STARCITE_SHARDS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub shards: u32,
+
+    /// Largest accepted request body, in bytes; larger bodies get 413. Each
+    /// tail frame is at most this plus about 200 bytes.
+    #[arg(long, env = "STARCITE_MAX_BODY_BYTES", default_value_t = 1_048_576,
+          value_parser = clap::value_parser!(u64).range(1024..=67_108_864))]
+    pub max_body_bytes: u64,
+
+    /// Interval between WebSocket pings to each tail, in milliseconds. A tail
+    /// that sends nothing (not even a pong) for two intervals is closed.
+    #[arg(long, env = "STARCITE_TAIL_PING_INTERVAL_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub tail_ping_interval_ms: u64,
+
+    /// How long a write to a tail socket may make no progress before the
+    /// socket is dropped, in milliseconds.
+    #[arg(long, env = "STARCITE_TAIL_SEND_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub tail_send_timeout_ms: u64,
+
+    /// Live events buffered per tailed session; a tail further behind is
+    /// served from storage instead.
+    #[arg(long, env = "STARCITE_TAIL_BUFFER_EVENTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub tail_buffer_events: u64,
+
+    /// Storage block cache, in MiB.
+    #[arg(long, env = "STARCITE_STORAGE_CACHE_MB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub storage_cache_mb: u64,
+
+    /// Storage write buffer (all memtables together), in MiB.
+    #[arg(long, env = "STARCITE_STORAGE_WRITE_BUFFER_MB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub storage_write_buffer_mb: u64,
+
+    /// Log entries applied per shard between two snapshots; a snapshot lets
+    /// the shard drop the log entries it covers.
+    #[arg(long, env = "STARCITE_SNAPSHOT_EVERY", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub snapshot_every: u64,
+
+    /// How long shutdown waits for tails to close and appends to finish, in milliseconds.
+    #[arg(long, env = "STARCITE_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Settings {
+    pub fn tail_ping_interval(&self) -> Duration {
+        Duration::from_millis(self.tail_ping_interval_ms)
+    }
+
+    pub fn tail_send_timeout(&self) -> Duration {
+        Duration::from_millis(self.tail_send_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}

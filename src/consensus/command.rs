@@ -1,0 +1,74 @@
+//! Commands that go through the Raft log, and their outcomes.
+//!
+//! A command carries every non-deterministic input (timestamps, generated
+//! ids, the rendered event) chosen before it enters the log, so every
+//! replica that applies it computes the same outcome. Commands are stored in
+//! the log with postcard: add new variants and fields only at the end.
+
+use serde::{Deserialize, Serialize};
+
+use crate::session::canonical::Fingerprint;
+use crate::session::header::SessionHeader;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    CreateSession(CreateCommand),
+    Append(AppendCommand),
+}
+
+impl Command {
+    /// The session the command acts on; it decides the shard.
+    pub fn session_id(&self) -> &str {
+        match self {
+            Command::CreateSession(create) => &create.id,
+            Command::Append(append) => &append.session_id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateCommand {
+    pub id: String,
+    pub title: Option<String>,
+    /// Metadata object as compact JSON text.
+    pub metadata: String,
+    /// Creation time, microseconds since the Unix epoch.
+    pub now: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppendCommand {
+    pub session_id: String,
+    /// The event's frame without `seq`, see [`crate::session::event::frame`].
+    pub frame_tail: String,
+    pub fingerprint: Fingerprint,
+    pub idempotency_key: Option<String>,
+    pub expected_seq: Option<u64>,
+    /// Append time, microseconds since the Unix epoch.
+    pub now: u64,
+}
+
+/// The result of applying one log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Created(SessionHeader),
+    SessionExists,
+    SessionNotFound,
+    Appended {
+        seq: u64,
+        last_seq: u64,
+    },
+    Deduped {
+        seq: u64,
+        last_seq: u64,
+    },
+    IdempotencyConflict {
+        seq: u64,
+    },
+    ExpectedSeqConflict {
+        expected: u64,
+        current: u64,
+    },
+    /// A blank or membership entry, which has no client.
+    Internal,
+}

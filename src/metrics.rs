@@ -1,0 +1,106 @@
+//! Prometheus metrics: names, units and the recorder.
+
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const APPENDS: &str = "starcite_events_append_total";
+pub const DEDUPED: &str = "starcite_events_deduped_total";
+pub const PAYLOAD_BYTES: &str = "starcite_events_payload_bytes";
+pub const APPEND_LATENCY: &str = "starcite_append_duration_seconds";
+pub const FSYNC_DURATION: &str = "starcite_fsync_duration_seconds";
+pub const FSYNC_BATCH: &str = "starcite_fsync_batch_entries";
+pub const TAILS: &str = "starcite_tail_connections";
+pub const TAIL_CATCH_UPS: &str = "starcite_tail_replays_total";
+
+/// Installs the global recorder and returns the handle that renders `/metrics`.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(PAYLOAD_BYTES.into()),
+            &[
+                64.0,
+                256.0,
+                1024.0,
+                4096.0,
+                16384.0,
+                65536.0,
+                262_144.0,
+                1_048_576.0,
+                4_194_304.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(FSYNC_BATCH.into()),
+            &[
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+            ],
+        )?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        APPENDS,
+        "Events appended (not counting deduplicated retries)."
+    );
+    describe_counter!(
+        DEDUPED,
+        "Appends answered from an earlier event with the same idempotency key."
+    );
+    describe_histogram!(
+        PAYLOAD_BYTES,
+        Unit::Bytes,
+        "Size of each appended event's payload as JSON."
+    );
+    describe_histogram!(
+        APPEND_LATENCY,
+        Unit::Seconds,
+        "Time from receiving an append to its acknowledgement."
+    );
+    describe_histogram!(
+        FSYNC_DURATION,
+        Unit::Seconds,
+        "Duration of each journal fsync."
+    );
+    describe_histogram!(FSYNC_BATCH, "Raft log entries made durable by each fsync.");
+    describe_gauge!(TAILS, "Open tail WebSocket connections.");
+    describe_counter!(
+        TAIL_CATCH_UPS,
+        "Times a tail went back to storage after missing live events."
+    );
+}
+
+pub fn record_append(payload_bytes: usize, latency: Duration) {
+    counter!(APPENDS).increment(1);
+    histogram!(PAYLOAD_BYTES).record(payload_bytes as f64);
+    histogram!(APPEND_LATENCY).record(latency.as_secs_f64());
+}
+
+pub fn record_deduped() {
+    counter!(DEDUPED).increment(1);
+}
+
+pub fn record_fsync(entries: usize, duration: Duration) {
+    histogram!(FSYNC_BATCH).record(entries as f64);
+    histogram!(FSYNC_DURATION).record(duration.as_secs_f64());
+}
+
+pub fn tail_opened() {
+    gauge!(TAILS).increment(1.0);
+}
+
+pub fn tail_closed() {
+    gauge!(TAILS).decrement(1.0);
+}

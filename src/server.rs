@@ -1,0 +1,129 @@
+//! Start-up and shutdown of a whole node.
+
+use std::future::Future;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::api::{self, ApiSettings, AppState};
+use crate::cluster::{Router, RouterSettings};
+use crate::config::Settings;
+use crate::storage::flusher::Flusher;
+use crate::storage::{Store, StoreSettings};
+use crate::tail::hub::LiveHub;
+
+/// Serves the API on `listener` until `shutdown` completes, then drains:
+/// stops accepting, lets in-flight requests finish, closes tails with a
+/// close frame, stops the Raft groups and makes the store durable.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    let flusher =
+        Flusher::start(store.clone()).context("starting the group commit thread failed")?;
+    let hub = LiveHub::new(settings.tail_buffer_events as usize);
+
+    let local_addr = listener.local_addr()?;
+    let router_settings = RouterSettings {
+        shards: settings.shards,
+        node_id: 1,
+        node_addr: local_addr.to_string(),
+        snapshot_every: settings.snapshot_every,
+    };
+    let router = Router::start(
+        &router_settings,
+        store.clone(),
+        flusher.clone(),
+        hub.clone(),
+    )
+    .await?;
+
+    let token = CancellationToken::new();
+    let api_settings = ApiSettings {
+        max_body_bytes: settings.max_body_bytes,
+        tail_ping_interval: settings.tail_ping_interval(),
+        tail_send_timeout: settings.tail_send_timeout(),
+    };
+    let state = AppState::new(
+        router,
+        store.clone(),
+        hub,
+        api_settings,
+        metrics,
+        token.clone(),
+    );
+
+    tokio::spawn(mark_ready_after_recovery(state.clone()));
+    tokio::spawn(cancel_on(shutdown, token.clone()));
+
+    info!(addr = %local_addr, "serving");
+    axum::serve(listener, api::router(state.clone()))
+        .with_graceful_shutdown(token.clone().cancelled_owned())
+        .await
+        .context("HTTP server failed")?;
+    info!("stopped accepting requests; in-flight requests finished");
+
+    drain(&state, &settings).await;
+    flusher.stop();
+    store.persist().context("final fsync failed")?;
+    info!("shutdown complete");
+    Ok(())
+}
+
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    let path = settings.data_dir.clone();
+    let shards = settings.shards;
+    let tuning = StoreSettings {
+        cache_bytes: settings.storage_cache_mb * 1024 * 1024,
+        write_buffer_bytes: settings.storage_write_buffer_mb * 1024 * 1024,
+    };
+    tokio::task::spawn_blocking(move || Store::open(&path, shards, &tuning))
+        .await?
+        .with_context(|| {
+            format!(
+                "opening the data directory {} failed",
+                settings.data_dir.display()
+            )
+        })
+}
+
+async fn mark_ready_after_recovery(state: AppState) {
+    match state.router().wait_recovered().await {
+        Ok(()) => {
+            state.mark_recovered();
+            info!("storage recovered; ready");
+        }
+        Err(err) => error!(error = %err, "recovery failed; the node stays unready"),
+    }
+}
+
+async fn cancel_on(shutdown: impl Future<Output = ()>, token: CancellationToken) {
+    shutdown.await;
+    info!("shutdown requested");
+    token.cancel();
+}
+
+/// Waits for tail sockets to send their close frames, then stops the shards.
+async fn drain(state: &AppState, settings: &Settings) {
+    state.tails().close();
+    let open = state.tails().len();
+    if open > 0 {
+        info!(open, "closing tails");
+    }
+    if tokio::time::timeout(settings.shutdown_timeout(), state.tails().wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            still_open = state.tails().len(),
+            "tails did not close in time; dropping them"
+        );
+    }
+    state.router().shutdown().await;
+}

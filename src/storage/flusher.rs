@@ -1,0 +1,149 @@
+//! Group commit: one fsync for every log append that is waiting.
+//!
+//! Raft log appends write into the shared journal and then register here.
+//! A single thread repeatedly takes every registration made so far, persists
+//! the journal once, and reports the result to each of them. While one fsync
+//! runs, new appends queue up for the next, so the number of fsyncs per second
+//! stays near the disk's limit while the number of appends per fsync grows
+//! with load.
+
+use std::io;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tracing::{error, info};
+
+use super::Store;
+
+/// Called once the entries it was registered for are durable, or with the
+/// error that prevented it.
+pub type FlushCallback = Box<dyn FnOnce(Result<(), io::Error>) + Send>;
+
+struct Waiter {
+    entries: usize,
+    callback: FlushCallback,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiters: Vec<Waiter>,
+    stopping: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wakeup: Condvar,
+}
+
+/// Handle to the group-commit thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Flusher {
+    shared: Arc<Shared>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Flusher {
+    /// Starts the flush thread for `store`.
+    pub fn start(store: Store) -> io::Result<Flusher> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wakeup: Condvar::new(),
+        });
+
+        let worker_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("starcite-fsync".into())
+            .spawn(move || run(&worker_shared, &store))?;
+
+        info!("group commit thread started");
+        Ok(Flusher {
+            shared,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Registers `callback` to run after the next fsync that starts from now on.
+    /// `entries` is only used for the batch-size metric.
+    pub fn request(&self, entries: usize, callback: FlushCallback) {
+        let mut queue = lock(&self.shared.queue);
+        if queue.stopping {
+            drop(queue);
+            callback(Err(io::Error::other("storage is shutting down")));
+            return;
+        }
+        queue.waiters.push(Waiter { entries, callback });
+        drop(queue);
+        self.shared.wakeup.notify_one();
+    }
+
+    /// Flushes what is queued, then stops the thread and waits for it.
+    pub fn stop(&self) {
+        lock(&self.shared.queue).stopping = true;
+        self.shared.wakeup.notify_one();
+        if let Some(thread) = lock(&self.thread).take() {
+            if thread.join().is_err() {
+                error!("group commit thread panicked");
+            }
+        }
+        info!("group commit thread stopped");
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the queue half-updated
+    // (push and take are single operations), so a poisoned lock is still usable.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn run(shared: &Shared, store: &Store) {
+    loop {
+        let (batch, stopping) = take_batch(shared);
+        if !batch.is_empty() {
+            flush(store, batch);
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Waits until at least one waiter is queued (or stop was requested) and
+/// takes the whole queue.
+fn take_batch(shared: &Shared) -> (Vec<Waiter>, bool) {
+    let mut queue = lock(&shared.queue);
+    while queue.waiters.is_empty() && !queue.stopping {
+        queue = shared
+            .wakeup
+            .wait(queue)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+    (std::mem::take(&mut queue.waiters), queue.stopping)
+}
+
+fn flush(store: &Store, batch: Vec<Waiter>) {
+    let started = Instant::now();
+    let result = store.persist();
+    let elapsed = started.elapsed();
+
+    let entries: usize = batch.iter().map(|waiter| waiter.entries).sum();
+    crate::metrics::record_fsync(entries, elapsed);
+
+    match result {
+        Ok(()) => {
+            for waiter in batch {
+                (waiter.callback)(Ok(()));
+            }
+        }
+        Err(err) => {
+            // The journal may now be in an unknown state, so every waiter fails
+            // and its Raft group stops instead of acknowledging.
+            error!(error = %err, waiters = batch.len(), "fsync failed");
+            for waiter in batch {
+                (waiter.callback)(Err(io::Error::other(err.to_string())));
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+use std::path::{Path, PathBuf};
+
+use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
+use tracing::info;
+
+/// Failure of the embedded store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage engine error: {0}")]
+    Engine(#[from] fjall::Error),
+    #[error("stored value under key {key:?} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(
+        "data directory {path} was created with {stored} shards but {requested} were requested; \
+         the shard count is fixed when the data directory is created, so start with --shards {stored}"
+    )]
+    ShardCountMismatch {
+        path: PathBuf,
+        stored: u32,
+        requested: u32,
+    },
+}
+
+/// Tuning of the embedded store.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Block cache shared by all partitions, in bytes.
+    pub cache_bytes: u64,
+    /// Upper bound of all memtables together, in bytes.
+    pub write_buffer_bytes: u64,
+}
+
+/// Handles to the keyspace and its partitions. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub keyspace: Keyspace,
+    /// Raft log entries of every shard, keyed by [`crate::storage::keys::log_entry`].
+    pub raft_log: PartitionHandle,
+    /// Votes, purge points and other per-shard Raft values.
+    pub raft_meta: PartitionHandle,
+    /// State machine bookkeeping: last applied log id and membership per shard.
+    pub applied: PartitionHandle,
+    /// Session headers.
+    pub sessions: PartitionHandle,
+    /// Events, keyed by session id and seq; each value is the event's JSON frame.
+    pub events: PartitionHandle,
+    /// Idempotency records: the seq and fingerprint of the first event sent with a key.
+    pub idempotency: PartitionHandle,
+    /// Data directory settings that must not change after creation.
+    pub settings: PartitionHandle,
+}
+
+const SHARD_COUNT_KEY: &[u8] = b"shard_count";
+
+impl Store {
+    /// Opens (or creates) the store under `path`, recovering the journal.
+    ///
+    /// A data directory remembers the shard count it was created with, because
+    /// sessions are placed on shards by hash; a different count is rejected.
+    pub fn open(path: &Path, shards: u32, tuning: &StoreSettings) -> Result<Store, StoreError> {
+        info!(path = %path.display(), "opening storage");
+
+        // Journal writes stay in process memory until the flusher persists them,
+        // so one write(2) and one fsync serve every append of a group commit.
+        let keyspace = Config::new(path)
+            .manual_journal_persist(true)
+            .fsync_ms(None)
+            .cache_size(tuning.cache_bytes)
+            .max_write_buffer_size(tuning.write_buffer_bytes)
+            .open()?;
+
+        let open = |name: &str| keyspace.open_partition(name, PartitionCreateOptions::default());
+        let store = Store {
+            raft_log: open("raft_log")?,
+            raft_meta: open("raft_meta")?,
+            applied: open("applied")?,
+            sessions: open("sessions")?,
+            events: open("events")?,
+            idempotency: open("idempotency")?,
+            settings: open("settings")?,
+            keyspace,
+        };
+
+        store.check_shard_count(path, shards)?;
+        Ok(store)
+    }
+
+    fn check_shard_count(&self, path: &Path, requested: u32) -> Result<(), StoreError> {
+        match self.settings.get(SHARD_COUNT_KEY)? {
+            Some(value) => {
+                let bytes: [u8; 4] =
+                    value.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                        key: "shard_count".into(),
+                        reason: format!("expected 4 bytes, found {}", value.len()),
+                    })?;
+                let stored = u32::from_be_bytes(bytes);
+                if stored != requested {
+                    return Err(StoreError::ShardCountMismatch {
+                        path: path.to_path_buf(),
+                        stored,
+                        requested,
+                    });
+                }
+                Ok(())
+            }
+            None => {
+                self.settings
+                    .insert(SHARD_COUNT_KEY, requested.to_be_bytes())?;
+                self.persist()
+            }
+        }
+    }
+
+    /// Makes every write so far durable (fsync of the shared journal).
+    pub fn persist(&self) -> Result<(), StoreError> {
+        self.keyspace.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+}
