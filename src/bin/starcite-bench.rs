@@ -228,6 +228,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<bool> {
     let api = Api::new(&cli.url, Duration::from_secs_f64(cli.request_timeout_secs))?;
     let output = Output { json: cli.json };
+    let started_at_unix_secs = unix_secs();
 
     let reports = match &cli.command {
         Command::Append(args) => vec![Report::Append(run_append(&api, args).await?)],
@@ -246,14 +247,14 @@ async fn run(cli: Cli) -> Result<bool> {
 
     let passed = reports.iter().all(Report::passed);
     if !passed {
-        eprintln!("FAILED: tail delivery violations found; see the report above");
+        eprintln!("FAILED: tail delivery violations found, listed in the report above");
     }
 
     if output.json {
         let document = JsonDocument {
             url: &cli.url,
             threads: cli.threads,
-            started_at_unix_secs: unix_secs(),
+            started_at_unix_secs,
             passed,
             results: &reports,
         };
@@ -510,6 +511,11 @@ struct WriterPlan {
 #[derive(Default)]
 struct WriterStats {
     latencies_us: Vec<u64>,
+    /// Open-loop only: how late each request left compared with its
+    /// scheduled time. Values above a few milliseconds mean that a slow
+    /// response held the writer past its next send time or that the
+    /// generator could not keep up.
+    send_lags_us: Vec<u64>,
     acked: u64,
     errors: BTreeMap<String, u64>,
     /// Open-loop requests that were due before the deadline but never sent
@@ -521,6 +527,7 @@ struct WriterStats {
 impl WriterStats {
     fn merge(&mut self, other: WriterStats) {
         self.latencies_us.extend_from_slice(&other.latencies_us);
+        self.send_lags_us.extend_from_slice(&other.send_lags_us);
         self.acked += other.acked;
         for (key, count) in other.errors {
             *self.errors.entry(key).or_default() += count;
@@ -597,7 +604,12 @@ async fn run_writer(plan: WriterPlan) -> WriterStats {
                     stats.unsent = due_total.saturating_sub(k);
                     break;
                 }
+                // NOTE: tokio timers have millisecond resolution, so a send
+                // usually leaves up to about 1 ms late. That lateness counts
+                // as latency here and is reported separately as send lag.
                 tokio::time::sleep_until(due).await;
+                let lag = Instant::now().saturating_duration_since(due);
+                stats.send_lags_us.push(lag.as_micros() as u64);
                 due
             }
             None => {
@@ -717,6 +729,8 @@ struct AppendReport {
     acked: u64,
     appends_per_sec: f64,
     latency: Option<LatencySummary>,
+    /// Open-loop only: delay between each scheduled and actual send.
+    send_lag: Option<LatencySummary>,
     /// Failed requests by HTTP status (`http 503`) or transport failure (`timeout`).
     errors: BTreeMap<String, u64>,
     unsent: u64,
@@ -761,6 +775,7 @@ async fn run_append(api: &Api, args: &AppendArgs) -> Result<AppendReport> {
         acked: stats.acked,
         appends_per_sec: stats.acked as f64 / elapsed_secs,
         latency: LatencySummary::from_micros(&mut stats.latencies_us),
+        send_lag: LatencySummary::from_micros(&mut stats.send_lags_us),
         errors: stats.errors,
         unsent: stats.unsent,
         writers_gave_up: stats.writers_gave_up,
@@ -777,7 +792,11 @@ fn append_scenario_name(args: &AppendArgs) -> String {
         Some(rate) => format!("open loop {rate}/s"),
         None => "closed loop".to_owned(),
     };
-    format!("append, {} writers, {sessions}, {mode}", args.writers)
+    let writers = match args.writers {
+        1 => "1 writer".to_owned(),
+        count => format!("{count} writers"),
+    };
+    format!("append, {writers}, {sessions}, {mode}")
 }
 
 // ---------------------------------------------------------------------------
@@ -954,7 +973,8 @@ async fn read_tail(
         }
     }
 
-    let _ = socket.close(None).await;
+    // Best effort: the result is complete whether or not the close frame goes out.
+    let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
     result
 }
 
@@ -1026,6 +1046,8 @@ struct TailReport {
     append_elapsed_secs: f64,
     append_rate: f64,
     append_latency: Option<LatencySummary>,
+    /// Delay between each scheduled and actual append send.
+    append_send_lag: Option<LatencySummary>,
     append_errors: BTreeMap<String, u64>,
     deliveries: u64,
     deliveries_per_sec: f64,
@@ -1077,6 +1099,7 @@ async fn run_tail(api: &Api, args: &TailArgs) -> Result<TailReport> {
         append_elapsed_secs,
         append_rate: append_stats.acked as f64 / append_elapsed_secs,
         append_latency: LatencySummary::from_micros(&mut append_stats.latencies_us),
+        append_send_lag: LatencySummary::from_micros(&mut append_stats.send_lags_us),
         append_errors: append_stats.errors,
         deliveries: 0,
         deliveries_per_sec: 0.0,
@@ -1155,8 +1178,8 @@ async fn run_replay(api: &Api, args: &ReplayArgs) -> Result<ReplayReport> {
     let last_seq = api.last_seq(&session_id).await?;
     if last_seq == 0 {
         bail!(
-            "session {session_id} has no events to replay; setup errors: {:?}",
-            setup_stats.errors
+            "session {session_id} has no events to replay after the setup appends (errors: {})",
+            format_errors(&setup_stats.errors)
         );
     }
 
@@ -1424,6 +1447,13 @@ fn append_text(report: &AppendReport) -> String {
         "  latency: {}",
         format_latency(report.latency.as_ref())
     );
+    if report.send_lag.is_some() {
+        let _ = writeln!(
+            text,
+            "  send lag: {}",
+            format_latency(report.send_lag.as_ref())
+        );
+    }
     let _ = write!(text, "  errors: {}", format_errors(&report.errors));
     text
 }
@@ -1445,6 +1475,11 @@ fn tail_text(report: &TailReport) -> String {
         text,
         "  append latency: {}",
         format_latency(report.append_latency.as_ref())
+    );
+    let _ = writeln!(
+        text,
+        "  append send lag: {}",
+        format_latency(report.append_send_lag.as_ref())
     );
     let _ = writeln!(
         text,
