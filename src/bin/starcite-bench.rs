@@ -522,6 +522,9 @@ struct WriterStats {
     /// because the writer fell behind its schedule.
     unsent: u64,
     writers_gave_up: u32,
+    /// Highest `seq` in any 201 response. Only meaningful when every writer
+    /// appends to the same session.
+    max_acked_seq: u64,
 }
 
 impl WriterStats {
@@ -534,6 +537,7 @@ impl WriterStats {
         }
         self.unsent += other.unsent;
         self.writers_gave_up += other.writers_gave_up;
+        self.max_acked_seq = self.max_acked_seq.max(other.max_acked_seq);
     }
 
     fn error_count(&self) -> u64 {
@@ -541,8 +545,15 @@ impl WriterStats {
     }
 }
 
+/// The part of an append's 201 body that the bench reads.
+#[derive(Deserialize)]
+struct AppendAck {
+    seq: u64,
+}
+
 enum Outcome {
-    Acked,
+    /// A 201 with the `seq` from its body, or `None` when the body had no valid `seq`.
+    Acked(Option<u64>),
     Rejected(StatusCode),
     Failed(&'static str),
 }
@@ -561,12 +572,16 @@ async fn send_append(client: &reqwest::Client, url: &Url, body: Bytes) -> Outcom
 
     // The body must be read to the end, or the connection cannot be reused.
     let status = response.status();
-    if let Err(error) = response.bytes().await {
-        return Outcome::Failed(classify_transport_error(&error));
-    }
+    let body = match response.bytes().await {
+        Ok(body) => body,
+        Err(error) => return Outcome::Failed(classify_transport_error(&error)),
+    };
 
     if status == StatusCode::CREATED {
-        Outcome::Acked
+        let seq = serde_json::from_slice::<AppendAck>(&body)
+            .ok()
+            .map(|ack| ack.seq);
+        Outcome::Acked(seq)
     } else {
         Outcome::Rejected(status)
     }
@@ -625,9 +640,18 @@ async fn run_writer(plan: WriterPlan) -> WriterStats {
         let latency_us = measured_from.elapsed().as_micros() as u64;
 
         match outcome {
-            Outcome::Acked => {
+            Outcome::Acked(seq) => {
                 consecutive_failures = 0;
                 stats.acked += 1;
+                match seq {
+                    Some(seq) => stats.max_acked_seq = stats.max_acked_seq.max(seq),
+                    None => {
+                        *stats
+                            .errors
+                            .entry("201 without a seq".to_owned())
+                            .or_default() += 1
+                    }
+                }
                 stats.latencies_us.push(latency_us);
                 plan.acked_total.fetch_add(1, Ordering::Relaxed);
             }
@@ -1043,6 +1067,10 @@ struct TailReport {
     events_acked: u64,
     /// `last_seq` of the session after the appends. Every socket must receive 1..=last_seq.
     last_seq: u64,
+    /// `session_header` when `last_seq` was read from the server, or
+    /// `highest_ack` when that read failed and the highest acknowledged seq
+    /// is used instead.
+    last_seq_source: &'static str,
     append_elapsed_secs: f64,
     append_rate: f64,
     append_latency: Option<LatencySummary>,
@@ -1080,7 +1108,16 @@ async fn run_tail(api: &Api, args: &TailArgs) -> Result<TailReport> {
     let mut append_stats = run_writers(plan_writers(api, &spec)?).await?;
     let append_elapsed_secs = append_start.elapsed().as_secs_f64();
 
-    let last_seq = api.last_seq(&session_id).await?;
+    let (last_seq, last_seq_source) = match api.last_seq(&session_id).await {
+        Ok(last_seq) => (last_seq, "session_header"),
+        Err(error) => {
+            eprintln!(
+                "warning: {error:#}. Checking delivery up to the highest acknowledged seq, {}.",
+                append_stats.max_acked_seq
+            );
+            (append_stats.max_acked_seq, "highest_ack")
+        }
+    };
     let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain_timeout_secs);
     let _ = stop_sender.send(Some(StopCondition {
         target_seq: last_seq,
@@ -1096,6 +1133,7 @@ async fn run_tail(api: &Api, args: &TailArgs) -> Result<TailReport> {
         events_requested: args.events,
         events_acked: append_stats.acked,
         last_seq,
+        last_seq_source,
         append_elapsed_secs,
         append_rate: append_stats.acked as f64 / append_elapsed_secs,
         append_latency: LatencySummary::from_micros(&mut append_stats.latencies_us),
@@ -1107,6 +1145,14 @@ async fn run_tail(api: &Api, args: &TailArgs) -> Result<TailReport> {
         violation_count: 0,
         violations: Vec::new(),
     };
+
+    if last_seq < append_stats.max_acked_seq {
+        report.violation_count += 1;
+        report.violations.push(format!(
+            "session last_seq {last_seq} is below the highest acknowledged seq {}",
+            append_stats.max_acked_seq
+        ));
+    }
 
     let mut latencies_us = Vec::new();
     for (index, reader) in readers.into_iter().enumerate() {
