@@ -39,7 +39,7 @@ pub async fn create(
         now: timestamp::now_micros(),
     });
 
-    match state.router().write(command).await? {
+    match state.router().write(command, &session_id).await? {
         Outcome::Created(header) => {
             info!(session_id = %session_id, "session created");
             Ok((StatusCode::CREATED, Json(header.to_json(&session_id))))
@@ -100,7 +100,7 @@ pub async fn append(
         now,
     });
 
-    match state.router().write(command).await? {
+    match state.router().write(command, &session_id).await? {
         Outcome::Appended { seq, last_seq } => {
             crate::metrics::record_append(payload_bytes, received.elapsed());
             Ok(appended(seq, last_seq, false))

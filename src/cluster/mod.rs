@@ -1,6 +1,7 @@
 //! Shards and routing: which Raft group owns a session, and how a command
 //! reaches it.
 
+mod batcher;
 mod router;
 mod shard;
 

@@ -5,7 +5,7 @@ use openraft::SnapshotPolicy;
 use tracing::{error, info, warn};
 
 use super::shard::{Shard, ShardContext};
-use crate::consensus::{Command, EventSink, Outcome};
+use crate::consensus::{Command, EventSink, Outcome, Raft};
 use crate::storage::flusher::Flusher;
 use crate::storage::Store;
 
@@ -68,32 +68,8 @@ impl Router {
 
     /// Sends `command` through its shard's Raft log and returns the outcome
     /// once the entry is committed and applied.
-    pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
-        let shard = self.shard_for(command.session_id());
-        match shard.raft.client_write(Arc::new(command)).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                warn!(shard = shard.id, leader = ?forward.leader_id, "write reached a node that is not the leader");
-                Err(WriteError::Unavailable(format!(
-                    "shard {} has no leader on this node; retry shortly",
-                    shard.id
-                )))
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(err))) => {
-                error!(shard = shard.id, error = %err, "unexpected membership error on a client write");
-                Err(WriteError::Unavailable(format!(
-                    "shard {} is changing membership; retry shortly",
-                    shard.id
-                )))
-            }
-            Err(RaftError::Fatal(fatal)) => {
-                error!(shard = shard.id, error = %fatal, "shard stopped");
-                Err(WriteError::Unavailable(format!(
-                    "shard {} is stopped: {fatal}",
-                    shard.id
-                )))
-            }
-        }
+    pub async fn write(&self, command: Command, session_id: &str) -> Result<Outcome, WriteError> {
+        self.shard_for(session_id).batcher.write(command).await
     }
 
     /// Waits until every shard has re-applied the log it found at start.
@@ -117,6 +93,36 @@ impl Router {
             }
         }
         info!("all shards stopped");
+    }
+}
+
+/// Writes one entry through `raft` and maps openraft's errors to what a
+/// client can act on.
+pub(super) async fn client_write(
+    shard: u32,
+    raft: &Raft,
+    command: Command,
+) -> Result<Outcome, WriteError> {
+    match raft.client_write(Arc::new(command)).await {
+        Ok(response) => Ok(response.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+            warn!(shard, leader = ?forward.leader_id, "write reached a node that is not the leader");
+            Err(WriteError::Unavailable(format!(
+                "shard {shard} has no leader on this node; retry shortly"
+            )))
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(err))) => {
+            error!(shard, error = %err, "unexpected membership error on a client write");
+            Err(WriteError::Unavailable(format!(
+                "shard {shard} is changing membership; retry shortly"
+            )))
+        }
+        Err(RaftError::Fatal(fatal)) => {
+            error!(shard, error = %fatal, "shard stopped");
+            Err(WriteError::Unavailable(format!(
+                "shard {shard} is stopped: {fatal}"
+            )))
+        }
     }
 }
 

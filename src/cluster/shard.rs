@@ -4,6 +4,7 @@ use std::sync::Arc;
 use openraft::BasicNode;
 use tracing::info;
 
+use super::batcher::Batcher;
 use crate::consensus::log_store::LogStore;
 use crate::consensus::network::NoPeers;
 use crate::consensus::state_machine::StateMachine;
@@ -15,6 +16,7 @@ use crate::storage::Store;
 pub struct Shard {
     pub id: u32,
     pub raft: Raft,
+    pub batcher: Batcher,
     /// Index of the last log entry found at start; the shard has recovered
     /// once its state machine has applied up to here.
     recovered_index: Option<u64>,
@@ -57,9 +59,11 @@ impl Shard {
             );
         }
 
+        let batcher = Batcher::start(id, raft.clone());
         Ok(Shard {
             id,
             raft,
+            batcher,
             recovered_index,
         })
     }

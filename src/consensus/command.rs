@@ -14,16 +14,9 @@ use crate::session::header::SessionHeader;
 pub enum Command {
     CreateSession(CreateCommand),
     Append(AppendCommand),
-}
-
-impl Command {
-    /// The session the command acts on; it decides the shard.
-    pub fn session_id(&self) -> &str {
-        match self {
-            Command::CreateSession(create) => &create.id,
-            Command::Append(append) => &append.session_id,
-        }
-    }
+    /// Several commands for sessions of the same shard, applied in order as
+    /// one log entry, so that a burst of requests costs one Raft round.
+    Batch(Vec<Command>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +62,8 @@ pub enum Outcome {
         expected: u64,
         current: u64,
     },
+    /// The outcomes of a [`Command::Batch`], in order.
+    Batch(Vec<Outcome>),
     /// A blank or membership entry, which has no client.
     Internal,
 }

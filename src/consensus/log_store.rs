@@ -88,13 +88,18 @@ impl EntryCache {
 
 fn entry_size(entry: &Entry<TypeConfig>) -> usize {
     let payload = match &entry.payload {
-        EntryPayload::Normal(command) => match command.as_ref() {
-            Command::Append(append) => append.frame_tail.len(),
-            Command::CreateSession(create) => create.metadata.len(),
-        },
+        EntryPayload::Normal(command) => command_size(command),
         _ => 0,
     };
     payload + 128
+}
+
+fn command_size(command: &Command) -> usize {
+    match command {
+        Command::Append(append) => append.frame_tail.len() + 128,
+        Command::CreateSession(create) => create.metadata.len() + 128,
+        Command::Batch(commands) => commands.iter().map(command_size).sum(),
+    }
 }
 
 impl LogStore {
@@ -109,7 +114,7 @@ impl LogStore {
 
     /// Index of the last entry in the log, or of the purge point when the log is empty.
     pub fn last_index(&self) -> Result<Option<u64>, StorageError<u64>> {
-        Ok(self.last_log_id()?.map(|log_id| log_id.index))
+        recovered_last_index(&self.store, self.shard)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
@@ -123,30 +128,11 @@ impl LogStore {
         kind: u8,
         what: &str,
     ) -> Result<Option<T>, StorageError<u64>> {
-        let key = keys::shard_value(self.shard, kind);
-        let value = self
-            .store
-            .raft_meta
-            .get(key)
-            .map_err(|err| io_error(ErrorSubject::Store, ErrorVerb::Read, err))?;
-        value.map(|bytes| decode(&bytes, what)).transpose()
+        read_shard_value(&self.store, self.shard, kind, what)
     }
 
     fn last_log_id(&self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
-        let last = self
-            .store
-            .raft_log
-            .prefix(self.shard.to_be_bytes())
-            .next_back()
-            .transpose()
-            .map_err(|err| io_error(ErrorSubject::Logs, ErrorVerb::Read, err))?;
-        match last {
-            Some((_, value)) => {
-                let entry: Entry<TypeConfig> = decode(&value, "raft log entry")?;
-                Ok(Some(entry.log_id))
-            }
-            None => self.read_value(PURGED, "last purged log id"),
-        }
+        last_log_id(&self.store, self.shard)
     }
 
     fn read_from_disk(
@@ -179,6 +165,41 @@ impl LogStore {
             .commit()
             .map_err(|err| io_error(ErrorSubject::Logs, ErrorVerb::Delete, err))
     }
+}
+
+/// Index of the last entry of shard `shard`'s log on disk (or of its purge
+/// point when the log is empty); usable before any Raft group runs.
+pub fn recovered_last_index(store: &Store, shard: u32) -> Result<Option<u64>, StorageError<u64>> {
+    Ok(last_log_id(store, shard)?.map(|log_id| log_id.index))
+}
+
+fn last_log_id(store: &Store, shard: u32) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+    let last = store
+        .raft_log
+        .prefix(shard.to_be_bytes())
+        .next_back()
+        .transpose()
+        .map_err(|err| io_error(ErrorSubject::Logs, ErrorVerb::Read, err))?;
+    match last {
+        Some((_, value)) => {
+            let entry: Entry<TypeConfig> = decode(&value, "raft log entry")?;
+            Ok(Some(entry.log_id))
+        }
+        None => read_shard_value(store, shard, PURGED, "last purged log id"),
+    }
+}
+
+fn read_shard_value<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    shard: u32,
+    kind: u8,
+    what: &str,
+) -> Result<Option<T>, StorageError<u64>> {
+    let value = store
+        .raft_meta
+        .get(keys::shard_value(shard, kind))
+        .map_err(|err| io_error(ErrorSubject::Store, ErrorVerb::Read, err))?;
+    value.map(|bytes| decode(&bytes, what)).transpose()
 }
 
 fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
@@ -286,6 +307,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|err| io_error(ErrorSubject::Logs, ErrorVerb::Write, err))?;
 
         let count = appended.len();
+        let last_index = appended.last().map_or(0, |entry| entry.log_id.index);
         {
             let mut cache = self.cache();
             for entry in appended {
@@ -295,6 +317,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
         // The entries are readable now; they become durable with the next fsync.
         self.flusher.request(
+            self.shard,
+            last_index,
             count,
             Box::new(move |result| callback.log_io_completed(result)),
         );

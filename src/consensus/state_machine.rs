@@ -99,6 +99,25 @@ impl StateMachine {
             .transpose()
     }
 
+    fn apply_command(
+        &self,
+        command: &Command,
+        batch: &mut fjall::Batch,
+        pending: &mut PendingWrites,
+    ) -> Result<Outcome, StorageError<u64>> {
+        match command {
+            Command::CreateSession(create) => self.apply_create(create, pending),
+            Command::Append(append) => self.apply_append(append, batch, pending),
+            Command::Batch(commands) => {
+                let mut outcomes = Vec::with_capacity(commands.len());
+                for command in commands {
+                    outcomes.push(self.apply_command(command, batch, pending)?);
+                }
+                Ok(Outcome::Batch(outcomes))
+            }
+        }
+    }
+
     fn apply_create(
         &self,
         create: &CreateCommand,
@@ -226,12 +245,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         StoredMembership::new(Some(entry.log_id), membership.clone());
                     Outcome::Internal
                 }
-                EntryPayload::Normal(command) => match command.as_ref() {
-                    Command::CreateSession(create) => self.apply_create(create, &mut pending)?,
-                    Command::Append(append) => {
-                        self.apply_append(append, &mut batch, &mut pending)?
-                    }
-                },
+                EntryPayload::Normal(command) => {
+                    self.apply_command(command, &mut batch, &mut pending)?
+                }
             };
             outcomes.push(outcome);
         }

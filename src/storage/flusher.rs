@@ -8,12 +8,14 @@
 //! with load.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tracing::{error, info};
 
+use super::watermark::{self, Watermark};
 use super::Store;
 
 /// Called once the entries it was registered for are durable, or with the
@@ -21,6 +23,8 @@ use super::Store;
 pub type FlushCallback = Box<dyn FnOnce(Result<(), io::Error>) + Send>;
 
 struct Waiter {
+    shard: u32,
+    last_index: u64,
     entries: usize,
     callback: FlushCallback,
 }
@@ -44,8 +48,9 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the flush thread for `store`.
-    pub fn start(store: Store) -> io::Result<Flusher> {
+    /// Starts the flush thread for `store`, which keeps the durable
+    /// watermark of `data_dir` up to date.
+    pub fn start(store: Store, data_dir: PathBuf) -> io::Result<Flusher> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wakeup: Condvar::new(),
@@ -54,7 +59,7 @@ impl Flusher {
         let worker_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("starcite-fsync".into())
-            .spawn(move || run(&worker_shared, &store))?;
+            .spawn(move || run(&worker_shared, &store, &data_dir))?;
 
         info!("group commit thread started");
         Ok(Flusher {
@@ -63,16 +68,22 @@ impl Flusher {
         })
     }
 
-    /// Registers `callback` to run after the next fsync that starts from now on.
+    /// Registers `callback` to run after the next fsync that starts from now
+    /// on, which makes shard `shard`'s log durable up to `last_index`.
     /// `entries` is only used for the batch-size metric.
-    pub fn request(&self, entries: usize, callback: FlushCallback) {
+    pub fn request(&self, shard: u32, last_index: u64, entries: usize, callback: FlushCallback) {
         let mut queue = lock(&self.shared.queue);
         if queue.stopping {
             drop(queue);
             callback(Err(io::Error::other("storage is shutting down")));
             return;
         }
-        queue.waiters.push(Waiter { entries, callback });
+        queue.waiters.push(Waiter {
+            shard,
+            last_index,
+            entries,
+            callback,
+        });
         drop(queue);
         self.shared.wakeup.notify_one();
     }
@@ -98,12 +109,61 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn run(shared: &Shared, store: &Store) {
+/// Durable log positions: `lagging` is what the watermark file may claim,
+/// one fsync group behind `latest`.
+struct Progress {
+    data_dir: PathBuf,
+    latest: Watermark,
+    lagging: Watermark,
+    written: Watermark,
+    last_write: Instant,
+}
+
+impl Progress {
+    fn advance(&mut self, batch: &[Waiter]) {
+        self.lagging = self.latest.clone();
+        for waiter in batch {
+            let index = self.latest.entry(waiter.shard).or_insert(0);
+            *index = (*index).max(waiter.last_index);
+        }
+    }
+
+    fn write_if_due(&mut self, force: bool) {
+        let due = force || self.last_write.elapsed() >= watermark::WRITE_INTERVAL;
+        if !due || self.lagging == self.written {
+            return;
+        }
+        match watermark::write(&self.data_dir, &self.lagging) {
+            Ok(()) => self.written = self.lagging.clone(),
+            Err(err) => error!(error = %err, "writing the durable watermark failed"),
+        }
+        self.last_write = Instant::now();
+    }
+}
+
+fn run(shared: &Shared, store: &Store, data_dir: &Path) {
+    // Start from the file, so shards that stay idle after a restart keep
+    // their recorded position.
+    let recorded = match watermark::read(data_dir) {
+        Ok(recorded) => recorded.unwrap_or_default(),
+        Err(err) => {
+            error!(error = %err, "reading the durable watermark failed; starting a new one");
+            Watermark::new()
+        }
+    };
+    let mut progress = Progress {
+        data_dir: data_dir.to_path_buf(),
+        latest: recorded.clone(),
+        lagging: recorded.clone(),
+        written: recorded,
+        last_write: Instant::now(),
+    };
     loop {
         let (batch, stopping) = take_batch(shared);
         if !batch.is_empty() {
-            flush(store, batch);
+            flush(store, batch, &mut progress);
         }
+        progress.write_if_due(stopping);
         if stopping {
             return;
         }
@@ -123,7 +183,7 @@ fn take_batch(shared: &Shared) -> (Vec<Waiter>, bool) {
     (std::mem::take(&mut queue.waiters), queue.stopping)
 }
 
-fn flush(store: &Store, batch: Vec<Waiter>) {
+fn flush(store: &Store, batch: Vec<Waiter>, progress: &mut Progress) {
     let started = Instant::now();
     let result = store.persist();
     let elapsed = started.elapsed();
@@ -133,6 +193,7 @@ fn flush(store: &Store, batch: Vec<Waiter>) {
 
     match result {
         Ok(()) => {
+            progress.advance(&batch);
             for waiter in batch {
                 (waiter.callback)(Ok(()));
             }

@@ -8,5 +8,6 @@
 pub mod flusher;
 pub mod keys;
 mod store;
+pub mod watermark;
 
 pub use store::{Store, StoreError, StoreSettings};

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, then the integration tests, which
+# start the real server binary on loopback ports and talk to it over HTTP
+# and WebSocket. Extra arguments go to `cargo test` (a test name filter, say).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Release mode: the integration tests push tens of thousands of events
+# through the server, which a debug build makes several times slower.
+cargo test --release --locked "$@"

@@ -1,0 +1,120 @@
+//! Per-shard batching of client commands into Raft entries.
+//!
+//! openraft handles each `client_write` as its own log append and apply
+//! step, so one request per entry spends most of its time in per-entry
+//! overhead. The batcher keeps at most [`MAX_IN_FLIGHT`] entries in flight
+//! per shard; requests that arrive meanwhile queue up and go out together
+//! as one [`Command::Batch`]. An idle shard sends a lone request at once,
+//! so batching adds no delay at low load.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{error, info};
+
+use super::WriteError;
+use crate::consensus::{Command, Outcome, Raft};
+
+/// Raft entries one shard has in flight at most.
+const MAX_IN_FLIGHT: usize = 2;
+/// Commands in one batch at most.
+const MAX_BATCH: usize = 1024;
+/// Requests queued per shard before callers wait for room.
+const QUEUE: usize = 8192;
+
+struct Request {
+    command: Command,
+    reply: oneshot::Sender<Result<Outcome, WriteError>>,
+}
+
+/// Sends commands to one shard's Raft group, batching them under load.
+#[derive(Clone)]
+pub struct Batcher {
+    sender: mpsc::Sender<Request>,
+}
+
+impl Batcher {
+    /// Starts the batching task of shard `shard`.
+    pub fn start(shard: u32, raft: Raft) -> Batcher {
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        tokio::spawn(run(shard, raft, receiver));
+        Batcher { sender }
+    }
+
+    /// Submits `command` and waits for its outcome.
+    pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
+        let (reply, outcome) = oneshot::channel();
+        let request = Request { command, reply };
+        if self.sender.send(request).await.is_err() {
+            return Err(WriteError::Unavailable(
+                "the shard is shutting down".to_string(),
+            ));
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(WriteError::Unavailable(
+                "the shard stopped before answering".to_string(),
+            ))
+        })
+    }
+}
+
+async fn run(shard: u32, raft: Raft, mut receiver: mpsc::Receiver<Request>) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = receiver.recv().await {
+        // Waiting for a slot is what lets later requests pile up into a batch.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            submit(shard, &raft, batch).await;
+            drop(slot);
+        });
+    }
+    info!(shard, "batcher stopped");
+}
+
+async fn submit(shard: u32, raft: &Raft, mut batch: Vec<Request>) {
+    if batch.len() == 1 {
+        let request = batch.remove(0);
+        let outcome = super::router::client_write(shard, raft, request.command).await;
+        let _ = request.reply.send(outcome);
+        return;
+    }
+
+    let (commands, replies): (Vec<Command>, Vec<_>) = batch
+        .into_iter()
+        .map(|request| (request.command, request.reply))
+        .unzip();
+    let count = commands.len();
+    match super::router::client_write(shard, raft, Command::Batch(commands)).await {
+        Ok(Outcome::Batch(outcomes)) if outcomes.len() == count => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                // A caller that gave up waiting has dropped its receiver.
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Ok(other) => {
+            error!(shard, count, ?other, "batch returned a mismatched outcome");
+            for reply in replies {
+                let _ = reply.send(Err(WriteError::Unavailable(
+                    "the shard returned an unexpected result".to_string(),
+                )));
+            }
+        }
+        Err(err) => {
+            for reply in replies {
+                let _ = reply.send(Err(WriteError::Unavailable(err.to_string())));
+            }
+        }
+    }
+}
