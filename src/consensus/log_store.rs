@@ -71,7 +71,7 @@ impl EntryCache {
         self.bytes -= removed.values().map(entry_size).sum::<usize>();
     }
 
-    /// Returns the entries of `start..end` if the cache holds all of them.
+    /// Returns the entries of `start..end` if the cache contains all of them.
     fn get_range(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
         if start >= end {
             return Some(Vec::new());

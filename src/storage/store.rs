@@ -71,9 +71,9 @@ impl Store {
 
         let open = |name: &str| keyspace.open_partition(name, PartitionCreateOptions::default());
         // Events and log entries are only read in key ranges, never looked up
-        // one by one, so their partitions skip bloom filters, which the engine
-        // keeps in memory outside the block cache and which would otherwise
-        // grow with history (about 10 bits per key).
+        // one by one, so their partitions skip bloom filters. The engine keeps
+        // those in memory outside the block cache, about 10 bits per key, so
+        // they would grow with history.
         let open_range_only = |name: &str| {
             keyspace.open_partition(
                 name,
