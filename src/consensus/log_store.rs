@@ -27,7 +27,9 @@ const PURGED: u8 = b'p';
 const COMMITTED: u8 = b'c';
 
 /// Bytes of entries kept in memory per shard before the oldest are dropped.
-const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// Entries are read back right after they are appended (to apply them), so a
+/// small cache serves almost every read.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Log store of one shard. Clones share the cache and are used as the log
 /// reader of replication tasks.
