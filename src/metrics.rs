@@ -97,6 +97,10 @@ pub fn record_fsync(entries: usize, duration: Duration) {
     histogram!(FSYNC_DURATION).record(duration.as_secs_f64());
 }
 
+pub fn record_tail_replay() {
+    counter!(TAIL_CATCH_UPS).increment(1);
+}
+
 pub fn tail_opened() {
     gauge!(TAILS).increment(1.0);
 }

@@ -1,5 +1,6 @@
 //! Start-up and shutdown of a whole node.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use anyhow::Context;
@@ -11,7 +12,9 @@ use tracing::{error, info, warn};
 use crate::api::{self, ApiSettings, AppState};
 use crate::cluster::{Router, RouterSettings};
 use crate::config::Settings;
+use crate::consensus::log_store;
 use crate::storage::flusher::Flusher;
+use crate::storage::watermark;
 use crate::storage::{Store, StoreSettings};
 use crate::tail::hub::LiveHub;
 
@@ -25,8 +28,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let store = open_store(&settings).await?;
-    let flusher =
-        Flusher::start(store.clone()).context("starting the group commit thread failed")?;
+    check_durable_watermark(&settings, &store)?;
+    let flusher = Flusher::start(store.clone(), settings.data_dir.clone())
+        .context("starting the group commit thread failed")?;
     let hub = LiveHub::new(settings.tail_buffer_events as usize);
 
     let local_addr = listener.local_addr()?;
@@ -84,13 +88,45 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
         write_buffer_bytes: settings.storage_write_buffer_mb * 1024 * 1024,
     };
     tokio::task::spawn_blocking(move || Store::open(&path, shards, &tuning))
-        .await?
+        .await
+        .context(
+            "the storage engine panicked while recovering; the storage files are likely corrupt",
+        )?
         .with_context(|| {
             format!(
-                "opening the data directory {} failed",
+                "opening the data directory {} failed; an error about a checksum or the \
+                 journal means the storage files are corrupt",
                 settings.data_dir.display()
             )
         })
+}
+
+/// Refuses to start when a shard's recovered log ends before the point that
+/// was recorded as durable: the journal lost acknowledged entries.
+fn check_durable_watermark(settings: &Settings, store: &Store) -> anyhow::Result<()> {
+    let Some(recorded) = watermark::read(&settings.data_dir).map_err(anyhow::Error::msg)? else {
+        return Ok(());
+    };
+
+    let mut recovered = BTreeMap::new();
+    for shard in 0..settings.shards {
+        let last = log_store::recovered_last_index(store, shard)?;
+        recovered.insert(shard, last.unwrap_or(0));
+    }
+
+    let lost = watermark::find_lost_entries(&recorded, &recovered);
+    if lost.is_empty() {
+        return Ok(());
+    }
+    for problem in &lost {
+        error!(problem = %problem, "storage corruption: acknowledged log entries are missing");
+    }
+    anyhow::bail!(
+        "storage corruption in {}: {}; the journal lost acknowledged entries, so the server will not \
+         start on it. Restore the data directory from a backup or a replica",
+        settings.data_dir.display(),
+        lost.join("; ")
+    )
 }
 
 async fn mark_ready_after_recovery(state: AppState) {

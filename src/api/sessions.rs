@@ -126,8 +126,8 @@ fn appended(seq: u64, last_seq: u64, deduped: bool) -> Created {
     (StatusCode::CREATED, Json(body))
 }
 
-/// An outcome that the command cannot produce; reported as unavailable
-/// rather than guessed at, and logged because it means a bug.
+/// Reports an outcome that the command cannot produce as unavailable, rather
+/// than guess at it, and logs it because it means a bug.
 fn unexpected(session_id: &str, outcome: &Outcome) -> ApiError {
     error!(
         session_id,

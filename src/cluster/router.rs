@@ -56,7 +56,7 @@ impl Router {
         Ok(Router { shards })
     }
 
-    /// The shard that owns `session_id`.
+    /// Returns the shard that owns `session_id`.
     ///
     /// The hash (XXH3, seed 0) and the modulo are part of the on-disk format:
     /// changing either would move sessions away from the shard holding them.
@@ -80,7 +80,7 @@ impl Router {
         Ok(())
     }
 
-    /// Whether every shard knows its leader.
+    /// Returns whether every shard has a leader.
     pub fn all_have_leaders(&self) -> bool {
         self.shards.iter().all(Shard::has_leader)
     }

@@ -22,7 +22,7 @@ pub struct Shard {
     recovered_index: Option<u64>,
 }
 
-/// What every shard of a node shares.
+/// Handles and settings shared by every shard of a node.
 pub struct ShardContext {
     pub node_id: u64,
     pub node_addr: String,
@@ -82,7 +82,7 @@ impl Shard {
         Ok(())
     }
 
-    /// Whether the shard currently knows a leader.
+    /// Returns whether the shard currently has a leader.
     pub fn has_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader.is_some()
     }

@@ -27,7 +27,9 @@ const PURGED: u8 = b'p';
 const COMMITTED: u8 = b'c';
 
 /// Bytes of entries kept in memory per shard before the oldest are dropped.
-const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// Entries are read back right after they are appended (to apply them), so a
+/// small cache serves almost every read.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Log store of one shard. Clones share the cache and are used as the log
 /// reader of replication tasks.
@@ -71,7 +73,7 @@ impl EntryCache {
         self.bytes -= removed.values().map(entry_size).sum::<usize>();
     }
 
-    /// Returns the entries of `start..end` if the cache holds all of them.
+    /// Returns the entries of `start..end` if the cache contains all of them.
     fn get_range(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
         if start >= end {
             return Some(Vec::new());
@@ -114,7 +116,7 @@ impl LogStore {
 
     /// Index of the last entry in the log, or of the purge point when the log is empty.
     pub fn last_index(&self) -> Result<Option<u64>, StorageError<u64>> {
-        Ok(self.last_log_id()?.map(|log_id| log_id.index))
+        recovered_last_index(&self.store, self.shard)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
@@ -128,30 +130,11 @@ impl LogStore {
         kind: u8,
         what: &str,
     ) -> Result<Option<T>, StorageError<u64>> {
-        let key = keys::shard_value(self.shard, kind);
-        let value = self
-            .store
-            .raft_meta
-            .get(key)
-            .map_err(|err| io_error(ErrorSubject::Store, ErrorVerb::Read, err))?;
-        value.map(|bytes| decode(&bytes, what)).transpose()
+        read_shard_value(&self.store, self.shard, kind, what)
     }
 
     fn last_log_id(&self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
-        let last = self
-            .store
-            .raft_log
-            .prefix(self.shard.to_be_bytes())
-            .next_back()
-            .transpose()
-            .map_err(|err| io_error(ErrorSubject::Logs, ErrorVerb::Read, err))?;
-        match last {
-            Some((_, value)) => {
-                let entry: Entry<TypeConfig> = decode(&value, "raft log entry")?;
-                Ok(Some(entry.log_id))
-            }
-            None => self.read_value(PURGED, "last purged log id"),
-        }
+        last_log_id(&self.store, self.shard)
     }
 
     fn read_from_disk(
@@ -184,6 +167,41 @@ impl LogStore {
             .commit()
             .map_err(|err| io_error(ErrorSubject::Logs, ErrorVerb::Delete, err))
     }
+}
+
+/// Index of the last entry of shard `shard`'s log on disk (or of its purge
+/// point when the log is empty); usable before any Raft group runs.
+pub fn recovered_last_index(store: &Store, shard: u32) -> Result<Option<u64>, StorageError<u64>> {
+    Ok(last_log_id(store, shard)?.map(|log_id| log_id.index))
+}
+
+fn last_log_id(store: &Store, shard: u32) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+    let last = store
+        .raft_log
+        .prefix(shard.to_be_bytes())
+        .next_back()
+        .transpose()
+        .map_err(|err| io_error(ErrorSubject::Logs, ErrorVerb::Read, err))?;
+    match last {
+        Some((_, value)) => {
+            let entry: Entry<TypeConfig> = decode(&value, "raft log entry")?;
+            Ok(Some(entry.log_id))
+        }
+        None => read_shard_value(store, shard, PURGED, "last purged log id"),
+    }
+}
+
+fn read_shard_value<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    shard: u32,
+    kind: u8,
+    what: &str,
+) -> Result<Option<T>, StorageError<u64>> {
+    let value = store
+        .raft_meta
+        .get(keys::shard_value(shard, kind))
+        .map_err(|err| io_error(ErrorSubject::Store, ErrorVerb::Read, err))?;
+    value.map(|bytes| decode(&bytes, what)).transpose()
 }
 
 fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
@@ -291,6 +309,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|err| io_error(ErrorSubject::Logs, ErrorVerb::Write, err))?;
 
         let count = appended.len();
+        let last_index = appended.last().map_or(0, |entry| entry.log_id.index);
         {
             let mut cache = self.cache();
             for entry in appended {
@@ -300,6 +319,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
         // The entries are readable now; they become durable with the next fsync.
         self.flusher.request(
+            self.shard,
+            last_index,
             count,
             Box::new(move |result| callback.log_io_completed(result)),
         );

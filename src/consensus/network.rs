@@ -1,8 +1,7 @@
 //! Node-to-node transport for Raft messages.
 //!
-//! A single node has no peers, so every message to another node fails as
-//! unreachable; openraft then retries with backoff, which never happens
-//! while the node is the only voter.
+//! A single node has no peers, so openraft never sends a message while the
+//! node is the only voter. A message to any other node fails as unreachable.
 
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};

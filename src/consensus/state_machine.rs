@@ -1,9 +1,9 @@
 //! The state machine of one shard: sessions, events and idempotency records.
 //!
 //! `apply` writes a whole batch of entries, with the new last-applied log id,
-//! in one atomic fjall batch and does not fsync: every applied entry is
-//! already durable in the Raft log, so after a crash openraft re-applies
-//! whatever the state machine lost. A snapshot fsyncs the state machine
+//! in one atomic fjall batch. It does not fsync, because every applied entry
+//! is already durable in the Raft log and openraft re-applies whatever the
+//! state machine lost in a crash. A snapshot fsyncs the state machine
 //! before it lets openraft purge the log entries it covers.
 
 use std::collections::HashMap;

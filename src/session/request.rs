@@ -166,7 +166,7 @@ fn required_string(fields: &Map<String, Value>, name: &str) -> Result<String, In
         .ok_or_else(|| InvalidRequest::new(format!("{name} is required: a non-empty string")))
 }
 
-/// A non-empty string, or `None` when the field is absent.
+/// Reads a non-empty string, or `None` when the field is absent.
 fn optional_string(
     fields: &Map<String, Value>,
     name: &str,

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::canonical::Fingerprint;
 
-/// What a session remembers about an idempotency key: the seq of the event
-/// first appended with it and that event's fingerprint. Stored with postcard.
+/// Record of an idempotency key in one session: the seq of the event first
+/// appended with it and that event's fingerprint. Stored with postcard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyRecord {
     pub seq: u64,

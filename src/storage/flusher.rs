@@ -8,12 +8,17 @@
 //! with load.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tracing::{error, info};
 
+use fjall::PersistMode;
+
+use super::journal_sync::JournalFiles;
+use super::watermark::{self, Watermark};
 use super::Store;
 
 /// Called once the entries it was registered for are durable, or with the
@@ -21,6 +26,8 @@ use super::Store;
 pub type FlushCallback = Box<dyn FnOnce(Result<(), io::Error>) + Send>;
 
 struct Waiter {
+    shard: u32,
+    last_index: u64,
     entries: usize,
     callback: FlushCallback,
 }
@@ -44,8 +51,9 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the flush thread for `store`.
-    pub fn start(store: Store) -> io::Result<Flusher> {
+    /// Starts the flush thread for `store`, which keeps the durable
+    /// watermark of `data_dir` up to date.
+    pub fn start(store: Store, data_dir: PathBuf) -> io::Result<Flusher> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wakeup: Condvar::new(),
@@ -54,7 +62,7 @@ impl Flusher {
         let worker_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("starcite-fsync".into())
-            .spawn(move || run(&worker_shared, &store))?;
+            .spawn(move || run(&worker_shared, &store, &data_dir))?;
 
         info!("group commit thread started");
         Ok(Flusher {
@@ -63,16 +71,22 @@ impl Flusher {
         })
     }
 
-    /// Registers `callback` to run after the next fsync that starts from now on.
+    /// Registers `callback` to run after the next fsync that starts from now
+    /// on, which makes shard `shard`'s log durable up to `last_index`.
     /// `entries` is only used for the batch-size metric.
-    pub fn request(&self, entries: usize, callback: FlushCallback) {
+    pub fn request(&self, shard: u32, last_index: u64, entries: usize, callback: FlushCallback) {
         let mut queue = lock(&self.shared.queue);
         if queue.stopping {
             drop(queue);
             callback(Err(io::Error::other("storage is shutting down")));
             return;
         }
-        queue.waiters.push(Waiter { entries, callback });
+        queue.waiters.push(Waiter {
+            shard,
+            last_index,
+            entries,
+            callback,
+        });
         drop(queue);
         self.shared.wakeup.notify_one();
     }
@@ -98,12 +112,66 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn run(shared: &Shared, store: &Store) {
+/// Durable log positions: `lagging` is what the watermark file may claim,
+/// one fsync group behind `latest`.
+struct Progress {
+    data_dir: PathBuf,
+    journals: JournalFiles,
+    /// Set by the first failed fsync; every later flush fails too.
+    failed: bool,
+    latest: Watermark,
+    lagging: Watermark,
+    written: Watermark,
+    last_write: Instant,
+}
+
+impl Progress {
+    fn advance(&mut self, batch: &[Waiter]) {
+        self.lagging = self.latest.clone();
+        for waiter in batch {
+            let index = self.latest.entry(waiter.shard).or_insert(0);
+            *index = (*index).max(waiter.last_index);
+        }
+    }
+
+    fn write_if_due(&mut self, force: bool) {
+        let due = force || self.last_write.elapsed() >= watermark::WRITE_INTERVAL;
+        if !due || self.lagging == self.written {
+            return;
+        }
+        match watermark::write(&self.data_dir, &self.lagging) {
+            Ok(()) => self.written = self.lagging.clone(),
+            Err(err) => error!(error = %err, "writing the durable watermark failed"),
+        }
+        self.last_write = Instant::now();
+    }
+}
+
+fn run(shared: &Shared, store: &Store, data_dir: &Path) {
+    // Start from the file, so shards that stay idle after a restart keep
+    // their recorded position.
+    let recorded = match watermark::read(data_dir) {
+        Ok(recorded) => recorded.unwrap_or_default(),
+        Err(err) => {
+            error!(error = %err, "reading the durable watermark failed; starting a new one");
+            Watermark::new()
+        }
+    };
+    let mut progress = Progress {
+        data_dir: data_dir.to_path_buf(),
+        journals: JournalFiles::new(data_dir),
+        failed: false,
+        latest: recorded.clone(),
+        lagging: recorded.clone(),
+        written: recorded,
+        last_write: Instant::now(),
+    };
     loop {
         let (batch, stopping) = take_batch(shared);
         if !batch.is_empty() {
-            flush(store, batch);
+            flush(store, batch, &mut progress);
         }
+        progress.write_if_due(stopping);
         if stopping {
             return;
         }
@@ -123,9 +191,25 @@ fn take_batch(shared: &Shared) -> (Vec<Waiter>, bool) {
     (std::mem::take(&mut queue.waiters), queue.stopping)
 }
 
-fn flush(store: &Store, batch: Vec<Waiter>) {
+/// Hands fjall's buffered journal bytes to the OS, then fsyncs the journal
+/// files outside fjall's lock.
+fn persist(store: &Store, progress: &mut Progress) -> Result<(), String> {
+    if progress.failed {
+        return Err("an earlier fsync failed; restart the server".to_string());
+    }
+    store
+        .keyspace
+        .persist(PersistMode::Buffer)
+        .map_err(|err| format!("writing the journal failed: {err}"))?;
+    progress
+        .journals
+        .sync_all()
+        .map_err(|err| format!("fsync of the journal failed: {err}"))
+}
+
+fn flush(store: &Store, batch: Vec<Waiter>, progress: &mut Progress) {
     let started = Instant::now();
-    let result = store.persist();
+    let result = persist(store, progress);
     let elapsed = started.elapsed();
 
     let entries: usize = batch.iter().map(|waiter| waiter.entries).sum();
@@ -133,14 +217,17 @@ fn flush(store: &Store, batch: Vec<Waiter>) {
 
     match result {
         Ok(()) => {
+            progress.advance(&batch);
             for waiter in batch {
                 (waiter.callback)(Ok(()));
             }
         }
         Err(err) => {
-            // The journal may now be in an unknown state, so every waiter fails
-            // and its Raft group stops instead of acknowledging.
-            error!(error = %err, waiters = batch.len(), "fsync failed");
+            // After a failed fsync the kernel may have dropped the dirty pages,
+            // so nothing written before can be trusted as durable: this and
+            // every later waiter fails, and the Raft groups stop.
+            progress.failed = true;
+            error!(error = %err, waiters = batch.len(), "fsync failed; no further appends will be acknowledged");
             for waiter in batch {
                 (waiter.callback)(Err(io::Error::other(err.to_string())));
             }

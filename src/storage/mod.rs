@@ -6,7 +6,9 @@
 //! durable at once; [`flusher`] builds group commit on that.
 
 pub mod flusher;
+mod journal_sync;
 pub mod keys;
 mod store;
+pub mod watermark;
 
 pub use store::{Store, StoreError, StoreSettings};

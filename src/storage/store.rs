@@ -70,12 +70,22 @@ impl Store {
             .open()?;
 
         let open = |name: &str| keyspace.open_partition(name, PartitionCreateOptions::default());
+        // Events and log entries are only read in key ranges, never looked up
+        // one by one, so their partitions skip bloom filters. The engine keeps
+        // those in memory outside the block cache, about 10 bits per key, so
+        // they would grow with history.
+        let open_range_only = |name: &str| {
+            keyspace.open_partition(
+                name,
+                PartitionCreateOptions::default().bloom_filter_bits(None),
+            )
+        };
         let store = Store {
-            raft_log: open("raft_log")?,
+            raft_log: open_range_only("raft_log")?,
             raft_meta: open("raft_meta")?,
             applied: open("applied")?,
             sessions: open("sessions")?,
-            events: open("events")?,
+            events: open_range_only("events")?,
             idempotency: open("idempotency")?,
             settings: open("settings")?,
             keyspace,

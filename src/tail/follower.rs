@@ -17,10 +17,10 @@ const PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// a socket from its pings.
 const LIVE_BATCH: usize = 256;
 
-/// Why a follower cannot go on.
+/// Failure that ends a follower.
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
-    /// The store lacks an event the session's seqs say exists. Serving the
+    /// The store lacks an event below the session's `last_seq`. Serving the
     /// next one would skip it, so the tail stops instead.
     #[error("event {missing} of session {session_id} is missing from storage")]
     Hole { session_id: String, missing: u64 },
@@ -64,7 +64,7 @@ impl Follower {
         }
     }
 
-    /// The seq of the last frame handed out.
+    /// Returns the seq of the last frame handed out.
     pub fn last_sent(&self) -> u64 {
         self.last_sent
     }
@@ -120,10 +120,12 @@ impl Follower {
                 Ok(event) if event.seq <= self.last_sent => continue,
                 Ok(event) if event.seq == self.last_sent + 1 => break event,
                 Ok(event) => {
+                    crate::metrics::record_tail_replay();
                     debug!(session_id = %self.session_id, seq = event.seq, last_sent = self.last_sent, "live feed ahead; replaying from storage");
                     return Ok(None);
                 }
                 Err(RecvError::Lagged(skipped)) => {
+                    crate::metrics::record_tail_replay();
                     debug!(session_id = %self.session_id, skipped, "tail lagged behind the live feed; replaying from storage");
                     return Ok(None);
                 }
