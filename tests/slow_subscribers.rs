@@ -1,5 +1,5 @@
 //! Many tails on one session: readers get every event in order with
-//! bounded lag, a reader that pauses sees no jump, and a stalled socket is
+//! bounded lag, a reader that pauses gets no seq jump, and a stalled socket is
 //! either fed everything later or closed, never left open while skipping.
 
 mod common;

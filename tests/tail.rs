@@ -330,7 +330,7 @@ async fn tail_closes_unresponsive_client() {
     );
     create_ok(&server, "s").await;
 
-    // The client neither reads nor answers pings for many intervals.
+    // The client neither reads nor sends pongs for many intervals.
     let mut tail = tail_open(&server, "s", 0).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 

@@ -118,7 +118,7 @@ impl Server {
         format!("ws://{}{}", self.addr, path)
     }
 
-    /// The HTTP client bound to this server's tests (keep-alive pool).
+    /// Returns the keep-alive HTTP client that the helpers use for this server.
     pub fn client(&self) -> &reqwest::Client {
         &self.client
     }
