@@ -576,7 +576,12 @@ async fn oversized_body_keeps_client_usable() {
             .json(&over)
             .send()
             .await
-            .expect("oversized append request failed");
+            .unwrap_or_else(|error| {
+                panic!(
+                    "attempt {attempt}: a standard client sending a body over the limit got a \
+                     transport error instead of the 413: {error:?}"
+                )
+            });
         let connection = response
             .headers()
             .get(reqwest::header::CONNECTION)
