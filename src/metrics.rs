@@ -47,6 +47,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         )?
         .install_recorder()?;
     describe();
+    register();
     Ok(handle)
 }
 
@@ -80,6 +81,19 @@ fn describe() {
         TAIL_CATCH_UPS,
         "Times a tail went back to storage after missing live events."
     );
+}
+
+/// Creates every series at zero, so `/metrics` lists them before the first
+/// append or tail.
+fn register() {
+    counter!(APPENDS).increment(0);
+    counter!(DEDUPED).increment(0);
+    counter!(TAIL_CATCH_UPS).increment(0);
+    gauge!(TAILS).set(0.0);
+    let _ = histogram!(PAYLOAD_BYTES);
+    let _ = histogram!(APPEND_LATENCY);
+    let _ = histogram!(FSYNC_DURATION);
+    let _ = histogram!(FSYNC_BATCH);
 }
 
 pub fn record_append(payload_bytes: usize, latency: Duration) {

@@ -67,10 +67,13 @@ pub async fn run(
     tokio::spawn(cancel_on(shutdown, token.clone()));
 
     info!(addr = %local_addr, "serving");
-    axum::serve(listener, api::router(state.clone()))
-        .with_graceful_shutdown(token.clone().cancelled_owned())
-        .await
-        .context("HTTP server failed")?;
+    api::serve(
+        listener,
+        api::router(state.clone()),
+        token.clone(),
+        settings.shutdown_timeout(),
+    )
+    .await;
     info!("stopped accepting requests; in-flight requests finished");
 
     drain(&state, &settings).await;
@@ -87,18 +90,19 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
         cache_bytes: settings.storage_cache_mb * 1024 * 1024,
         write_buffer_bytes: settings.storage_write_buffer_mb * 1024 * 1024,
     };
-    tokio::task::spawn_blocking(move || Store::open(&path, shards, &tuning))
+    let opened = tokio::task::spawn_blocking(move || Store::open(&path, shards, &tuning))
         .await
         .context(
             "the storage engine panicked while recovering; the storage files are likely corrupt",
-        )?
-        .with_context(|| {
-            format!(
-                "opening the data directory {} failed; an error about a checksum or the \
-                 journal means the storage files are corrupt",
-                settings.data_dir.display()
-            )
-        })
+        )?;
+    match opened {
+        Ok(store) => Ok(store),
+        Err(err) if Store::is_corruption(&err) => Err(anyhow::anyhow!(
+            "opening the data directory {} failed, and the storage files are likely corrupt: {err}",
+            settings.data_dir.display()
+        )),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// Refuses to start when a shard's recovered log ends before the point that

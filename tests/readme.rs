@@ -50,8 +50,15 @@ fn start_server(data_dir: &Path) -> Guard {
     let stdout = child.stdout.take().expect("server stdout is piped");
     std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
 
-    let guard = Guard(child);
+    let mut guard = Guard(child);
     wait_ready();
+
+    // Another process already on port 4000 would answer in place of ours.
+    let exited = guard.0.try_wait().expect("checking the server process");
+    assert!(
+        exited.is_none(),
+        "the server exited ({exited:?}); is another process using port 4000?"
+    );
     guard
 }
 

@@ -1,6 +1,6 @@
 //! The one error type handlers return, and its mapping to status and code.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -30,8 +30,13 @@ pub enum ApiError {
          use a new key for a new event"
     )]
     IdempotencyConflict { key: String, seq: u64 },
-    #[error("request body is larger than the limit of {limit} bytes")]
-    PayloadTooLarge { limit: u64 },
+    #[error("request body is larger than the limit of {limit} bytes; send a smaller event")]
+    PayloadTooLarge {
+        limit: u64,
+        /// Whether the rest of the body was left unread, so the connection
+        /// must close after the response.
+        close_connection: bool,
+    },
     #[error("{0}")]
     Unavailable(String),
 }
@@ -76,7 +81,20 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             warn!(error = %self, "request failed: unavailable");
         }
+        let close = matches!(
+            self,
+            ApiError::PayloadTooLarge {
+                close_connection: true,
+                ..
+            }
+        );
         let body = json!({"error": code, "message": self.to_string()});
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if close {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }

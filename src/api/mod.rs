@@ -4,11 +4,13 @@
 mod body;
 mod error;
 mod health;
+mod serve;
 mod sessions;
 mod state;
 mod tail;
 
 pub use error::ApiError;
+pub use serve::serve;
 pub use state::{ApiSettings, AppState};
 
 use axum::extract::rejection::PathRejection;

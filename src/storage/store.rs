@@ -1,4 +1,6 @@
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 use tracing::info;
@@ -10,6 +12,13 @@ pub enum StoreError {
     Engine(#[from] fjall::Error),
     #[error("stored value under key {key:?} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error(
+        "data directory {path} is in use by another starcite process (it holds the lock on {lock}); \
+         stop that process or choose another data directory"
+    )]
+    Locked { path: PathBuf, lock: PathBuf },
+    #[error("locking the data directory failed: {0}")]
+    Lock(#[from] std::io::Error),
     #[error(
         "data directory {path} was created with {stored} shards but {requested} were requested; \
          the shard count is fixed when the data directory is created, so start with --shards {stored}"
@@ -48,6 +57,8 @@ pub struct Store {
     pub idempotency: PartitionHandle,
     /// Data directory settings that must not change after creation.
     pub settings: PartitionHandle,
+    /// Exclusive lock on the data directory, held while the store is open.
+    _lock: Arc<File>,
 }
 
 const SHARD_COUNT_KEY: &[u8] = b"shard_count";
@@ -59,6 +70,7 @@ impl Store {
     /// sessions are placed on shards by hash; a different count is rejected.
     pub fn open(path: &Path, shards: u32, tuning: &StoreSettings) -> Result<Store, StoreError> {
         info!(path = %path.display(), "opening storage");
+        let lock = lock_data_dir(path)?;
 
         // Journal writes stay in process memory until the flusher persists them,
         // so one write(2) and one fsync serve every append of a group commit.
@@ -89,10 +101,24 @@ impl Store {
             idempotency: open("idempotency")?,
             settings: open("settings")?,
             keyspace,
+            _lock: Arc::new(lock),
         };
 
         store.check_shard_count(path, shards)?;
         Ok(store)
+    }
+
+    /// Returns whether `err` means the store is damaged, as opposed to in use
+    /// or opened with the wrong settings.
+    pub fn is_corruption(err: &StoreError) -> bool {
+        matches!(
+            err,
+            StoreError::Engine(
+                fjall::Error::JournalRecovery(_)
+                    | fjall::Error::Decode(_)
+                    | fjall::Error::Storage(_)
+            ) | StoreError::Corrupt { .. }
+        )
     }
 
     fn check_shard_count(&self, path: &Path, requested: u32) -> Result<(), StoreError> {
@@ -125,5 +151,26 @@ impl Store {
     pub fn persist(&self) -> Result<(), StoreError> {
         self.keyspace.persist(PersistMode::SyncAll)?;
         Ok(())
+    }
+}
+
+/// Takes an exclusive lock on the data directory, so that two processes never
+/// write the same journal: each would acknowledge appends the other then
+/// overwrites. The OS releases the lock when the process exits, however it exits.
+fn lock_data_dir(path: &Path) -> Result<File, StoreError> {
+    fs::create_dir_all(path)?;
+    let lock_path = path.join("starcite.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: path.to_path_buf(),
+            lock: lock_path,
+        }),
+        Err(std::fs::TryLockError::Error(err)) => Err(StoreError::Lock(err)),
     }
 }

@@ -767,8 +767,9 @@ pub async fn send_large_body(
 
     let status = parse_status_line(&response).unwrap_or_else(|| {
         panic!(
-            "no HTTP status line in response: {:?}",
-            String::from_utf8_lossy(&response)
+            "no HTTP status line in response: {:?}\nserver log:\n{}",
+            String::from_utf8_lossy(&response),
+            server.logs()
         )
     });
     let text = String::from_utf8_lossy(&response).into_owned();
