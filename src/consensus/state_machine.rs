@@ -341,8 +341,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Some(bytes) => decode(&bytes, "applied state")?,
             None => AppliedState::default(),
         };
-        self.store
-            .persist()
+        // The fsync runs off the async runtime's threads, which serve requests.
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.persist())
+            .await
+            .map_err(|err| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, err))?
             .map_err(|err| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, err))?;
 
         let index = state.last_applied.map_or(0, |log_id| log_id.index);

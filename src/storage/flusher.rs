@@ -15,10 +15,7 @@ use std::time::Instant;
 
 use tracing::{error, info};
 
-use fjall::PersistMode;
-
-use super::journal_sync::JournalFiles;
-use super::watermark::{self, Watermark};
+use super::watermark::{self, Watermark, WatermarkWriter};
 use super::Store;
 
 /// Called once the entries it was registered for are durable, or with the
@@ -112,38 +109,26 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Durable log positions: `lagging` is what the watermark file may claim,
-/// one fsync group behind `latest`.
+/// Durable log positions: `lagging`, one fsync group behind `latest`, is
+/// what the watermark file may claim.
 struct Progress {
-    data_dir: PathBuf,
-    journals: JournalFiles,
     /// Set by the first failed fsync; every later flush fails too.
     failed: bool,
     latest: Watermark,
     lagging: Watermark,
-    written: Watermark,
-    last_write: Instant,
+    writer: WatermarkWriter,
 }
 
 impl Progress {
     fn advance(&mut self, batch: &[Waiter]) {
-        self.lagging = self.latest.clone();
+        let previous = std::mem::replace(&mut self.lagging, self.latest.clone());
         for waiter in batch {
             let index = self.latest.entry(waiter.shard).or_insert(0);
             *index = (*index).max(waiter.last_index);
         }
-    }
-
-    fn write_if_due(&mut self, force: bool) {
-        let due = force || self.last_write.elapsed() >= watermark::WRITE_INTERVAL;
-        if !due || self.lagging == self.written {
-            return;
+        if previous != self.lagging {
+            self.writer.publish(self.lagging.clone());
         }
-        match watermark::write(&self.data_dir, &self.lagging) {
-            Ok(()) => self.written = self.lagging.clone(),
-            Err(err) => error!(error = %err, "writing the durable watermark failed"),
-        }
-        self.last_write = Instant::now();
     }
 }
 
@@ -157,21 +142,40 @@ fn run(shared: &Shared, store: &Store, data_dir: &Path) {
             Watermark::new()
         }
     };
+    let writer = match WatermarkWriter::start(data_dir.to_path_buf()) {
+        Ok(writer) => writer,
+        Err(err) => {
+            error!(error = %err, "starting the watermark writer failed; failing every append");
+            fail_all(shared, &err.to_string());
+            return;
+        }
+    };
     let mut progress = Progress {
-        data_dir: data_dir.to_path_buf(),
-        journals: JournalFiles::new(data_dir),
         failed: false,
         latest: recorded.clone(),
-        lagging: recorded.clone(),
-        written: recorded,
-        last_write: Instant::now(),
+        lagging: recorded,
+        writer,
     };
+
     loop {
         let (batch, stopping) = take_batch(shared);
         if !batch.is_empty() {
             flush(store, batch, &mut progress);
         }
-        progress.write_if_due(stopping);
+        if stopping {
+            progress.writer.stop();
+            return;
+        }
+    }
+}
+
+/// Fails every waiter, now and later, when the thread cannot work at all.
+fn fail_all(shared: &Shared, reason: &str) {
+    loop {
+        let (batch, stopping) = take_batch(shared);
+        for waiter in batch {
+            (waiter.callback)(Err(io::Error::other(reason.to_string())));
+        }
         if stopping {
             return;
         }
@@ -191,25 +195,19 @@ fn take_batch(shared: &Shared) -> (Vec<Waiter>, bool) {
     (std::mem::take(&mut queue.waiters), queue.stopping)
 }
 
-/// Hands fjall's buffered journal bytes to the OS, then fsyncs the journal
-/// files outside fjall's lock.
-fn persist(store: &Store, progress: &mut Progress) -> Result<(), String> {
+/// Makes the journal durable, unless an earlier fsync failed.
+fn persist(store: &Store, progress: &Progress) -> Result<(), String> {
     if progress.failed {
         return Err("an earlier fsync failed; restart the server".to_string());
     }
     store
-        .keyspace
-        .persist(PersistMode::Buffer)
-        .map_err(|err| format!("writing the journal failed: {err}"))?;
-    progress
-        .journals
-        .sync_all()
+        .persist()
         .map_err(|err| format!("fsync of the journal failed: {err}"))
 }
 
 fn flush(store: &Store, batch: Vec<Waiter>, progress: &mut Progress) {
     let started = Instant::now();
-    let result = persist(store, progress);
+    let result = persist(store, &*progress);
     let elapsed = started.elapsed();
 
     let entries: usize = batch.iter().map(|waiter| waiter.entries).sum();

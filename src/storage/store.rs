@@ -1,9 +1,11 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 use tracing::info;
+
+use super::journal_sync::JournalFiles;
 
 /// Failure of the embedded store.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +20,9 @@ pub enum StoreError {
     )]
     Locked { path: PathBuf, lock: PathBuf },
     #[error("locking the data directory failed: {0}")]
-    Lock(#[from] std::io::Error),
+    Lock(std::io::Error),
+    #[error("fsync of the journal failed: {0}")]
+    Sync(std::io::Error),
     #[error(
         "data directory {path} was created with {stored} shards but {requested} were requested; \
          the shard count is fixed when the data directory is created, so start with --shards {stored}"
@@ -59,6 +63,8 @@ pub struct Store {
     pub settings: PartitionHandle,
     /// Exclusive lock on the data directory, held while the store is open.
     _lock: Arc<File>,
+    /// Descriptors for fsyncing the journal outside fjall's lock.
+    journals: Arc<Mutex<JournalFiles>>,
 }
 
 const SHARD_COUNT_KEY: &[u8] = b"shard_count";
@@ -102,6 +108,7 @@ impl Store {
             settings: open("settings")?,
             keyspace,
             _lock: Arc::new(lock),
+            journals: Arc::new(Mutex::new(JournalFiles::new(path))),
         };
 
         store.check_shard_count(path, shards)?;
@@ -147,9 +154,16 @@ impl Store {
         }
     }
 
-    /// Makes every write so far durable (fsync of the shared journal).
+    /// Makes every write so far durable: hands fjall's buffered journal bytes
+    /// to the OS (a `write` under its lock), then fsyncs the journal files
+    /// outside that lock, see [`JournalFiles`].
     pub fn persist(&self) -> Result<(), StoreError> {
-        self.keyspace.persist(PersistMode::SyncAll)?;
+        self.keyspace.persist(PersistMode::Buffer)?;
+        let mut journals = self
+            .journals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        journals.sync_all().map_err(StoreError::Sync)?;
         Ok(())
     }
 }
@@ -158,13 +172,14 @@ impl Store {
 /// write the same journal: each would acknowledge appends the other then
 /// overwrites. The OS releases the lock when the process exits, however it exits.
 fn lock_data_dir(path: &Path) -> Result<File, StoreError> {
-    fs::create_dir_all(path)?;
+    fs::create_dir_all(path).map_err(StoreError::Lock)?;
     let lock_path = path.join("starcite.lock");
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&lock_path)?;
+        .open(&lock_path)
+        .map_err(StoreError::Lock)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {

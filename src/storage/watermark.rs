@@ -9,14 +9,19 @@
 //!
 //! The file lags one fsync group behind the journal, so losing only the
 //! newest group (the torn tail of a crash) is accepted. It is also written
-//! at most every [`WRITE_INTERVAL`], so damage to the newest entries within
-//! that window goes undetected.
+//! at most every [`WRITE_INTERVAL`], by its own thread so that its fsyncs
+//! never delay a group commit, so damage to the newest entries within that
+//! window goes undetected.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
+
+use tracing::error;
 
 /// Minimum time between two writes of the file.
 pub const WRITE_INTERVAL: Duration = Duration::from_millis(100);
@@ -82,6 +87,90 @@ pub fn read(data_dir: &Path) -> Result<Option<Watermark>, String> {
         watermark.insert(shard, index);
     }
     Ok(Some(watermark))
+}
+
+/// Thread that writes the newest published watermark, at most every
+/// [`WRITE_INTERVAL`]; values published in between replace each other.
+pub struct WatermarkWriter {
+    shared: Arc<WriterShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct WriterState {
+    pending: Option<Watermark>,
+    stopping: bool,
+}
+
+#[derive(Default)]
+struct WriterShared {
+    state: Mutex<WriterState>,
+    wakeup: Condvar,
+}
+
+impl WriterShared {
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
+        // Each critical section is a single field update, so a poisoned lock is intact.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl WatermarkWriter {
+    pub fn start(data_dir: PathBuf) -> std::io::Result<WatermarkWriter> {
+        let shared = Arc::new(WriterShared::default());
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("starcite-watermark".into())
+            .spawn(move || write_loop(&worker, &data_dir))?;
+        Ok(WatermarkWriter {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `watermark` to be written, replacing any value not yet written.
+    pub fn publish(&self, watermark: Watermark) {
+        self.shared.lock().pending = Some(watermark);
+        self.shared.wakeup.notify_one();
+    }
+
+    /// Writes the last published value, then stops the thread.
+    pub fn stop(&mut self) {
+        self.shared.lock().stopping = true;
+        self.shared.wakeup.notify_one();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                error!("watermark writer thread panicked");
+            }
+        }
+    }
+}
+
+fn write_loop(shared: &WriterShared, data_dir: &Path) {
+    loop {
+        let (pending, stopping) = {
+            let mut state = shared.lock();
+            while state.pending.is_none() && !state.stopping {
+                state = shared
+                    .wakeup
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            (state.pending.take(), state.stopping)
+        };
+
+        if let Some(watermark) = pending {
+            if let Err(err) = write(data_dir, &watermark) {
+                error!(error = %err, "writing the durable watermark failed");
+            }
+        }
+        if stopping {
+            return;
+        }
+        std::thread::sleep(WRITE_INTERVAL);
+    }
 }
 
 /// Compares the recovered end of each shard's log with the watermark and
