@@ -63,6 +63,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         "starting starcite"
     );
     let metrics = starcite::metrics::install().context("installing the metrics recorder failed")?;
+    starcite::metrics::spawn_upkeep(metrics.clone());
 
     let addr = SocketAddr::new(settings.host, settings.port);
     let listener = TcpListener::bind(addr).await.with_context(|| {

@@ -78,9 +78,6 @@ impl Store {
         info!(path = %path.display(), "opening storage");
         let lock = lock_data_dir(path)?;
 
-        // TODO: resident memory grew by about 80 MiB per million appended
-        // events under sustained writes (while a restart on the same data
-        // needs far less); find which of these bounds does not hold.
         // Journal writes stay in process memory until the flusher persists them,
         // so one write(2) and one fsync serve every append of a group commit.
         let keyspace = Config::new(path)
