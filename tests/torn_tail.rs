@@ -206,17 +206,23 @@ async fn middle_damage_not_silent() {
     }
     fs::write(&journal, bytes).expect("write damaged journal");
 
-    match tokio::task::block_in_place(|| Server::try_start_with(copy.path(), &[])) {
+    assert_refused_or_intact(copy.path(), &acks, "after middle damage").await;
+}
+
+/// Starting on a damaged copy must either fail with an explanation of
+/// corruption or serve every acknowledged event unchanged.
+async fn assert_refused_or_intact(data_dir: &Path, acks: &[Ack], context: &str) {
+    match tokio::task::block_in_place(|| Server::try_start_with(data_dir, &[])) {
         Err(failure) => {
             let status = failure.status;
             assert!(
                 status.is_some_and(|status| !status.success()),
-                "server must exit non-zero on a corrupt journal, got {status:?}; output:\n{}",
+                "{context}: server must exit non-zero on a corrupt journal, got {status:?}; output:\n{}",
                 failure.logs
             );
             assert!(
                 failure.logs.to_lowercase().contains("corrupt"),
-                "the exit must be explained by a log line about corruption; output:\n{}",
+                "{context}: the exit must be explained by a log line about corruption; output:\n{}",
                 failure.logs
             );
         }
@@ -224,11 +230,43 @@ async fn middle_damage_not_silent() {
             let last = last_seq(&server, "ses-torn").await;
             assert_eq!(
                 last, EVENTS,
-                "a server that starts on middle damage must keep every acked event"
+                "{context}: a server that starts on damage must keep every acked event"
             );
             let frames = tail_collect(&server, "ses-torn", 0, last, Duration::from_secs(30)).await;
-            assert_gapless(&frames, 1, EVENTS, "after middle damage");
-            assert_frames_match_acks(&frames, &acks, "after middle damage");
+            assert_gapless(&frames, 1, EVENTS, context);
+            assert_frames_match_acks(&frames, acks, context);
         }
+    }
+}
+
+/// Damage to the header of a record in the middle (its marker, length or
+/// sequence fields) can make the storage engine's recovery stop reading
+/// there without an error. The server must still not serve the shortened
+/// log: each variant is refused or served whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn middle_header_damage_not_silent() {
+    let (original, acks) = prepare_data_dir().await;
+    let journal_name = newest_journal(original.path())
+        .strip_prefix(original.path())
+        .expect("journal is inside the data directory")
+        .to_path_buf();
+    let bytes = fs::read(original.path().join(&journal_name)).expect("read journal");
+    let trailers = find_all(&bytes, BATCH_TRAILER);
+    assert!(
+        trailers.len() >= 4,
+        "the test needs a journal with several records"
+    );
+    let record_start = trailers[trailers.len() / 2 - 1] + BATCH_TRAILER.len();
+
+    for offset in 0..16 {
+        let copy = tempfile::tempdir().expect("temporary directory");
+        copy_dir(original.path(), copy.path());
+        let path = copy.path().join(&journal_name);
+        let mut damaged = bytes.clone();
+        damaged[record_start + offset] ^= 0xFF;
+        fs::write(&path, damaged).expect("write damaged journal");
+
+        let context = format!("byte {offset} of a middle record flipped");
+        assert_refused_or_intact(copy.path(), &acks, &context).await;
     }
 }
