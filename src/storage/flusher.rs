@@ -112,8 +112,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Durable log positions: `lagging`, one fsync group behind `latest`, is
 /// what the watermark file may claim.
 struct Progress {
-    /// Set by the first failed fsync; every later flush fails too.
-    failed: bool,
     latest: Watermark,
     lagging: Watermark,
     writer: WatermarkWriter,
@@ -151,7 +149,6 @@ fn run(shared: &Shared, store: &Store, data_dir: &Path) {
         }
     };
     let mut progress = Progress {
-        failed: false,
         latest: recorded.clone(),
         lagging: recorded,
         writer,
@@ -195,19 +192,9 @@ fn take_batch(shared: &Shared) -> (Vec<Waiter>, bool) {
     (std::mem::take(&mut queue.waiters), queue.stopping)
 }
 
-/// Makes the journal durable, unless an earlier fsync failed.
-fn persist(store: &Store, progress: &Progress) -> Result<(), String> {
-    if progress.failed {
-        return Err("an earlier fsync failed; restart the server".to_string());
-    }
-    store
-        .persist()
-        .map_err(|err| format!("fsync of the journal failed: {err}"))
-}
-
 fn flush(store: &Store, batch: Vec<Waiter>, progress: &mut Progress) {
     let started = Instant::now();
-    let result = persist(store, &*progress);
+    let result = store.persist();
     let elapsed = started.elapsed();
 
     let entries: usize = batch.iter().map(|waiter| waiter.entries).sum();
@@ -221,10 +208,8 @@ fn flush(store: &Store, batch: Vec<Waiter>, progress: &mut Progress) {
             }
         }
         Err(err) => {
-            // After a failed fsync the kernel may have dropped the dirty pages,
-            // so nothing written before can be trusted as durable: this and
-            // every later waiter fails, and the Raft groups stop.
-            progress.failed = true;
+            // The store fails every later persist too (see Store::persist),
+            // so this and every later waiter fails, and the Raft groups stop.
             error!(error = %err, waiters = batch.len(), "fsync failed; no further appends will be acknowledged");
             for waiter in batch {
                 (waiter.callback)(Err(io::Error::other(err.to_string())));

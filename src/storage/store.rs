@@ -1,5 +1,6 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
@@ -65,6 +66,10 @@ pub struct Store {
     _lock: Arc<File>,
     /// Descriptors for fsyncing the journal outside fjall's lock.
     journals: Arc<Mutex<JournalFiles>>,
+    /// Set by the first failed fsync. The kernel may drop dirty pages after
+    /// a failed fsync, so a later one succeeding would prove nothing: every
+    /// persist after the first failure fails too.
+    sync_failed: Arc<AtomicBool>,
 }
 
 const SHARD_COUNT_KEY: &[u8] = b"shard_count";
@@ -109,6 +114,7 @@ impl Store {
             keyspace,
             _lock: Arc::new(lock),
             journals: Arc::new(Mutex::new(JournalFiles::new(path))),
+            sync_failed: Arc::new(AtomicBool::new(false)),
         };
 
         store.check_shard_count(path, shards)?;
@@ -158,13 +164,26 @@ impl Store {
     /// to the OS (a `write` under its lock), then fsyncs the journal files
     /// outside that lock, see [`JournalFiles`].
     pub fn persist(&self) -> Result<(), StoreError> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(StoreError::Sync(std::io::Error::other(
+                "an earlier fsync failed, so nothing since is known to be durable; restart the server",
+            )));
+        }
+
+        let result = self.write_and_sync();
+        if result.is_err() {
+            self.sync_failed.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    fn write_and_sync(&self) -> Result<(), StoreError> {
         self.keyspace.persist(PersistMode::Buffer)?;
         let mut journals = self
             .journals
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        journals.sync_all().map_err(StoreError::Sync)?;
-        Ok(())
+        journals.sync_all().map_err(StoreError::Sync)
     }
 }
 
