@@ -122,7 +122,7 @@ fn accept(state: AppState, upgrade: WebSocketUpgrade, session_id: String, cursor
         })
 }
 
-/// Why the socket loop ended.
+/// Reason the socket loop ended.
 enum Ending {
     Close(u16, String),
     /// The peer is gone or the socket broke; a close frame cannot be sent.

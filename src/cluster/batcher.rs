@@ -17,7 +17,7 @@ use crate::consensus::{Command, Outcome, Raft};
 
 /// Raft entries one shard has in flight at most. One gave the largest
 /// batches and the most appends per second with 64 writers on a two-core
-/// machine (about 27,000/s against 19,000/s with two and four; see
+/// machine: about 27,000/s, against 19,000/s with two or four entries (see
 /// docs/benchmarks.md).
 const MAX_IN_FLIGHT: usize = 1;
 /// Commands in one batch at most.
@@ -55,7 +55,7 @@ impl Batcher {
         }
         outcome.await.unwrap_or_else(|_| {
             Err(WriteError::Unavailable(
-                "the shard stopped before answering".to_string(),
+                "the shard stopped before responding".to_string(),
             ))
         })
     }

@@ -169,8 +169,8 @@ impl LogStore {
     }
 }
 
-/// Index of the last entry of shard `shard`'s log on disk (or of its purge
-/// point when the log is empty); usable before any Raft group runs.
+/// Returns the index of the last entry of shard `shard`'s log on disk, or of
+/// its purge point when the log is empty. Usable before any Raft group runs.
 pub fn recovered_last_index(store: &Store, shard: u32) -> Result<Option<u64>, StorageError<u64>> {
     Ok(last_log_id(store, shard)?.map(|log_id| log_id.index))
 }
