@@ -90,6 +90,12 @@ impl Store {
             .fsync_ms(None)
             .cache_size(tuning.cache_bytes)
             .max_write_buffer_size(tuning.write_buffer_bytes)
+            // One background thread each instead of one per core: on a small
+            // machine more of them took cores from request handling in
+            // bursts (measured: 64-writer throughput rose from about 27,000
+            // to about 32,000 appends/s on two cores).
+            .flush_workers(1)
+            .compaction_workers(1)
             .open()?;
 
         let open = |name: &str| keyspace.open_partition(name, PartitionCreateOptions::default());
