@@ -15,6 +15,8 @@ pub const FSYNC_DURATION: &str = "starcite_fsync_duration_seconds";
 pub const FSYNC_BATCH: &str = "starcite_fsync_batch_entries";
 pub const TAILS: &str = "starcite_tail_connections";
 pub const TAIL_CATCH_UPS: &str = "starcite_tail_replays_total";
+pub const SHARDS_WITHOUT_LEADER: &str = "starcite_raft_shards_without_leader";
+pub const APPLIED_INDEX: &str = "starcite_raft_applied_index";
 
 /// Interval of the recorder's upkeep, which drains recorded histogram samples
 /// into their buckets.
@@ -89,6 +91,14 @@ fn describe() {
         TAIL_CATCH_UPS,
         "Times a tail went back to storage after missing live events."
     );
+    describe_gauge!(
+        SHARDS_WITHOUT_LEADER,
+        "Shards on this node that currently have no Raft leader."
+    );
+    describe_gauge!(
+        APPLIED_INDEX,
+        "Last Raft log index applied by each shard's state machine."
+    );
 }
 
 /// Runs the recorder's upkeep every few seconds for the life of the process.
@@ -110,6 +120,7 @@ fn register() {
     counter!(DEDUPED).increment(0);
     counter!(TAIL_CATCH_UPS).increment(0);
     gauge!(TAILS).set(0.0);
+    gauge!(SHARDS_WITHOUT_LEADER).set(0.0);
     let _ = histogram!(PAYLOAD_BYTES);
     let _ = histogram!(APPEND_LATENCY);
     let _ = histogram!(FSYNC_DURATION);
@@ -133,6 +144,21 @@ pub fn record_fsync(entries: usize, duration: Duration) {
 
 pub fn record_tail_replay() {
     counter!(TAIL_CATCH_UPS).increment(1);
+}
+
+/// Health of one shard's Raft group, as sampled for the gauges.
+pub struct ShardHealth {
+    pub shard: u32,
+    pub has_leader: bool,
+    pub applied_index: u64,
+}
+
+pub fn record_raft_health(shards: &[ShardHealth]) {
+    let without_leader = shards.iter().filter(|shard| !shard.has_leader).count();
+    gauge!(SHARDS_WITHOUT_LEADER).set(without_leader as f64);
+    for shard in shards {
+        gauge!(APPLIED_INDEX, "shard" => shard.shard.to_string()).set(shard.applied_index as f64);
+    }
 }
 
 pub fn tail_opened() {

@@ -64,6 +64,7 @@ pub async fn run(
     );
 
     tokio::spawn(mark_ready_after_recovery(state.clone()));
+    tokio::spawn(sample_raft_health(state.clone(), token.clone()));
     tokio::spawn(cancel_on(shutdown, token.clone()));
 
     info!(addr = %local_addr, "serving");
@@ -140,6 +141,17 @@ async fn mark_ready_after_recovery(state: AppState) {
             info!("storage recovered; ready");
         }
         Err(err) => error!(error = %err, "recovery failed; the node stays unready"),
+    }
+}
+
+/// Updates the Raft health gauges every second until shutdown.
+async fn sample_raft_health(state: AppState, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => crate::metrics::record_raft_health(&state.router().health()),
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use reqwest::Method;
 use serde_json::json;
@@ -108,10 +110,42 @@ async fn metrics_list_series_at_start() {
         "starcite_events_append_total",
         "starcite_events_payload_bytes",
         "starcite_tail_connections",
+        "starcite_raft_shards_without_leader",
     ] {
         assert!(
             text.contains(series),
             "/metrics of a fresh server lacks {series}:\n{text}"
         );
     }
+}
+
+/// The Raft health gauges show every shard led once the server is ready.
+#[tokio::test]
+async fn metrics_show_raft_health() {
+    let server = Server::start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = metrics_text(&server).await;
+        // Gauges are sampled every second, so the first sample may predate
+        // the leader elections.
+        let led = text
+            .lines()
+            .any(|line| line == "starcite_raft_shards_without_leader 0");
+        if (led && text.contains("starcite_raft_applied_index{"))
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    assert!(
+        text.lines()
+            .any(|line| line == "starcite_raft_shards_without_leader 0"),
+        "a ready single node has a leader for every shard:\n{text}"
+    );
+    assert!(
+        text.contains("starcite_raft_applied_index{shard=\"0\"}"),
+        "the applied index is reported per shard:\n{text}"
+    );
 }

@@ -85,6 +85,11 @@ impl Router {
         self.shards.iter().all(Shard::has_leader)
     }
 
+    /// Samples every shard's Raft state for the health gauges.
+    pub fn health(&self) -> Vec<crate::metrics::ShardHealth> {
+        self.shards.iter().map(Shard::health).collect()
+    }
+
     /// Stops every Raft group, waiting for in-flight log writes.
     pub async fn shutdown(&self) {
         for shard in &self.shards {

@@ -82,6 +82,16 @@ impl Shard {
         Ok(())
     }
 
+    /// Samples the shard's Raft state for the health gauges.
+    pub fn health(&self) -> crate::metrics::ShardHealth {
+        let metrics = self.raft.metrics().borrow().clone();
+        crate::metrics::ShardHealth {
+            shard: self.id,
+            has_leader: metrics.current_leader.is_some(),
+            applied_index: metrics.last_applied.map_or(0, |log_id| log_id.index),
+        }
+    }
+
     /// Returns whether the shard currently has a leader.
     pub fn has_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader.is_some()
