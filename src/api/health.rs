@@ -9,7 +9,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::state::AppState;
 
-/// Liveness: the process runs and answers.
+/// Reports liveness: the process runs and serves HTTP.
 pub async fn live() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }

@@ -95,7 +95,7 @@ impl AppState {
         self.inner.recovered.store(true, Ordering::Release);
     }
 
-    /// Why the node cannot serve sessions right now, if it cannot.
+    /// Returns why the node cannot serve sessions right now, or `None` when it can.
     pub fn unavailable_reason(&self) -> Option<String> {
         if self.inner.shutdown.is_cancelled() {
             return Some("the server is shutting down".to_string());

@@ -2,8 +2,8 @@
 //!
 //! Two events are the same when their fields are equal as JSON values, so key
 //! order must not matter. serde_json's map is ordered by key unless a
-//! dependency turns on its `preserve_order` feature; this writer sorts keys
-//! itself so the fingerprint stays the same either way.
+//! dependency turns on its `preserve_order` feature. This writer sorts keys
+//! itself, so the fingerprint stays the same either way.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};

@@ -75,7 +75,7 @@ impl NewEvent {
     }
 }
 
-/// The complete frame of an event: `seq` first, then the stored fields.
+/// Builds the complete frame of an event: `seq` first, then the stored fields.
 pub fn frame(seq: u64, tail: &str) -> String {
     let mut frame = String::with_capacity(tail.len() + 32);
     frame.push_str("{\"seq\":");

@@ -170,6 +170,8 @@ impl Store {
     /// to the OS (a `write` under its lock), then fsyncs the journal files
     /// outside that lock, see [`JournalFiles`].
     pub fn persist(&self) -> Result<(), StoreError> {
+        // NOTE: no test injects a failed fsync, so this branch has only been
+        // checked by reading.
         if self.sync_failed.load(Ordering::Acquire) {
             return Err(StoreError::Sync(std::io::Error::other(
                 "an earlier fsync failed, so nothing since is known to be durable; restart the server",
