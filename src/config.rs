@@ -23,6 +23,23 @@ pub struct Settings {
     #[arg(long, env = "STARCITE_RAFT_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
 
+    /// This node's name in CLUSTER_NODES. Required when CLUSTER_NODES is set.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Every member of the cluster as `name=host:port,...`, where the
+    /// address is the member's peer port (Raft messages and forwarded
+    /// requests). This node listens on its own entry's port, on --host.
+    /// Unset: a single node with no peers.
+    #[arg(long, env = "CLUSTER_NODES")]
+    pub cluster_nodes: Option<String>,
+
+    /// Nodes that hold a replica of each shard (all nodes when fewer). An
+    /// append is acknowledged once a majority of them has it on disk.
+    #[arg(long, env = "STARCITE_REPLICATION_FACTOR", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=7))]
+    pub replication_factor: u32,
+
     /// Number of shards (Raft groups). Fixed when the data directory is created.
     #[arg(long, env = "STARCITE_SHARDS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -74,6 +91,30 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The cluster as configured: the embedded single node unless
+    /// CLUSTER_NODES is set.
+    pub fn topology(&self) -> Result<crate::cluster::Topology, String> {
+        use crate::cluster::Topology;
+        let Some(nodes) = self
+            .cluster_nodes
+            .as_deref()
+            .filter(|n| !n.trim().is_empty())
+        else {
+            if self.node_name.is_some() {
+                tracing::warn!(
+                    "NODE_NAME is set but CLUSTER_NODES is not; running as a single node"
+                );
+            }
+            return Ok(Topology::single(self.shards));
+        };
+        let name = self.node_name.as_deref().ok_or_else(|| {
+            "CLUSTER_NODES is set but NODE_NAME is not; set NODE_NAME to this node's name in the list"
+                .to_string()
+        })?;
+        Topology::parse(name, nodes, self.shards, self.replication_factor)
+            .map_err(|err| err.to_string())
+    }
+
     pub fn tail_ping_interval(&self) -> Duration {
         Duration::from_millis(self.tail_ping_interval_ms)
     }

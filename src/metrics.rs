@@ -17,6 +17,7 @@ pub const TAILS: &str = "starcite_tail_connections";
 pub const TAIL_CATCH_UPS: &str = "starcite_tail_replays_total";
 pub const SHARDS_WITHOUT_LEADER: &str = "starcite_raft_shards_without_leader";
 pub const APPLIED_INDEX: &str = "starcite_raft_applied_index";
+pub const LEADER_NODE: &str = "starcite_raft_leader_node";
 
 /// Interval of the recorder's upkeep, which drains recorded histogram samples
 /// into their buckets.
@@ -99,6 +100,10 @@ fn describe() {
         APPLIED_INDEX,
         "Last Raft log index applied by each shard's state machine."
     );
+    describe_gauge!(
+        LEADER_NODE,
+        "Node id of each hosted shard's current leader; 0 while it has none."
+    );
 }
 
 /// Runs the recorder's upkeep every few seconds for the life of the process.
@@ -150,6 +155,8 @@ pub fn record_tail_replay() {
 pub struct ShardHealth {
     pub shard: u32,
     pub has_leader: bool,
+    /// The leader's node id, if known.
+    pub leader: Option<u64>,
     pub applied_index: u64,
 }
 
@@ -157,7 +164,9 @@ pub fn record_raft_health(shards: &[ShardHealth]) {
     let without_leader = shards.iter().filter(|shard| !shard.has_leader).count();
     gauge!(SHARDS_WITHOUT_LEADER).set(without_leader as f64);
     for shard in shards {
-        gauge!(APPLIED_INDEX, "shard" => shard.shard.to_string()).set(shard.applied_index as f64);
+        let label = shard.shard.to_string();
+        gauge!(APPLIED_INDEX, "shard" => label.clone()).set(shard.applied_index as f64);
+        gauge!(LEADER_NODE, "shard" => label).set(shard.leader.unwrap_or(0) as f64);
     }
 }
 

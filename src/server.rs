@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -10,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{self, ApiSettings, AppState};
-use crate::cluster::{Router, RouterSettings};
+use crate::cluster::{Router, RouterSettings, Topology};
 use crate::config::Settings;
 use crate::consensus::log_store;
+use crate::consensus::transport::Peers;
 use crate::storage::flusher::Flusher;
 use crate::storage::watermark;
 use crate::storage::{Store, StoreSettings};
@@ -27,21 +30,32 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let topology = Arc::new(settings.topology().map_err(anyhow::Error::msg)?);
     let store = open_store(&settings).await?;
+    store.check_layout(&settings.data_dir, &topology.layout())?;
     check_durable_watermark(&settings, &store)?;
     let flusher = Flusher::start(store.clone(), settings.data_dir.clone())
         .context("starting the group commit thread failed")?;
     let hub = LiveHub::new(settings.tail_buffer_events as usize);
 
     let local_addr = listener.local_addr()?;
+    let (peers, peer_listener) = if topology.is_single() {
+        (None, None)
+    } else {
+        let addresses = topology.members().map(|m| (m.id, m.addr.clone())).collect();
+        let peers = Peers::new(addresses, topology.layout())?;
+        (
+            Some(peers),
+            Some(bind_peer_port(&settings, &topology).await?),
+        )
+    };
     let router_settings = RouterSettings {
-        shards: settings.shards,
-        node_id: 1,
-        node_addr: local_addr.to_string(),
         snapshot_every: settings.snapshot_every,
     };
     let router = Router::start(
         &router_settings,
+        topology.clone(),
+        peers,
         store.clone(),
         flusher.clone(),
         hub.clone(),
@@ -67,6 +81,14 @@ pub async fn run(
     tokio::spawn(sample_raft_health(state.clone(), token.clone()));
     tokio::spawn(cancel_on(shutdown, token.clone()));
 
+    // The peer port outlives the public one: while this node drains, its
+    // shards still exchange Raft messages to commit in-flight appends.
+    let peer_token = CancellationToken::new();
+    let peer_server = peer_listener.map(|listener| {
+        let routes = api::peer_router(state.clone(), topology.layout().into());
+        tokio::spawn(serve_peers(listener, routes, peer_token.clone()))
+    });
+
     info!(addr = %local_addr, "serving");
     api::serve(
         listener,
@@ -78,10 +100,48 @@ pub async fn run(
     info!("stopped accepting requests; in-flight requests finished");
 
     drain(&state, &settings).await;
+    peer_token.cancel();
+    if let Some(server) = peer_server {
+        if tokio::time::timeout(settings.shutdown_timeout(), server)
+            .await
+            .is_err()
+        {
+            warn!("peer port did not close in time");
+        }
+    }
     flusher.stop();
     store.persist().context("final fsync failed")?;
     info!("shutdown complete");
     Ok(())
+}
+
+/// Binds this node's peer port: the port of its own CLUSTER_NODES entry, on
+/// the configured host.
+async fn bind_peer_port(settings: &Settings, topology: &Topology) -> anyhow::Result<TcpListener> {
+    let own = &topology.local().addr;
+    let port: u16 = own
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .with_context(|| format!("CLUSTER_NODES address {own:?} has no port"))?;
+    let addr = SocketAddr::new(settings.host, port);
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "binding the peer port {addr} failed; is another process using it? \
+             the port comes from this node's entry ({own}) in CLUSTER_NODES"
+        )
+    })?;
+    info!(addr = %addr, node = %topology.local().name, "peer port listening");
+    Ok(listener)
+}
+
+async fn serve_peers(listener: TcpListener, routes: axum::Router, shutdown: CancellationToken) {
+    let served = axum::serve(listener, routes)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    match served {
+        Ok(()) => info!("peer port closed"),
+        Err(err) => error!(error = %err, "peer port failed"),
+    }
 }
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Store> {

@@ -14,9 +14,9 @@ pub async fn live() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: storage is recovered and every shard has a leader.
+/// Readiness: storage is recovered and every shard this node holds has a leader.
 pub async fn ready(State(state): State<AppState>) -> Response {
-    match state.unavailable_reason() {
+    match state.readiness_problem() {
         None => Json(json!({"status": "ok"})).into_response(),
         // Built here rather than through ApiError, which logs every 503:
         // readiness is polled, and a recovering node is not an error.

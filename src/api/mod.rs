@@ -4,12 +4,15 @@
 mod body;
 mod error;
 mod health;
+mod peer;
+mod relay;
 mod serve;
 mod sessions;
 mod state;
 mod tail;
 
 pub use error::ApiError;
+pub use peer::router as peer_router;
 pub use serve::serve;
 pub use state::{ApiSettings, AppState};
 

@@ -14,7 +14,6 @@ use super::body::read_json;
 use super::error::ApiError;
 use super::session_id;
 use super::state::AppState;
-use crate::consensus::state_machine::read_header;
 use crate::consensus::{AppendCommand, Command, CreateCommand, Outcome};
 use crate::session::request::{parse_append, parse_create};
 use crate::session::{id, timestamp};
@@ -57,15 +56,9 @@ pub async fn get_header(
     let session_id = session_id(path)?;
     state.ensure_available()?;
 
-    match read_header(state.store(), &session_id) {
-        Ok(Some(header)) => Ok(Json(header.to_json(&session_id))),
-        Ok(None) => Err(ApiError::SessionNotFound(session_id)),
-        Err(err) => {
-            error!(session_id = %session_id, error = %err, "reading session header failed");
-            Err(ApiError::Unavailable(format!(
-                "reading session {session_id:?} failed; retry shortly"
-            )))
-        }
+    match state.router().read_header(&session_id).await? {
+        Some(header) => Ok(Json(header.to_json(&session_id))),
+        None => Err(ApiError::SessionNotFound(session_id)),
     }
 }
 

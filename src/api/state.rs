@@ -103,8 +103,19 @@ impl AppState {
         if !self.inner.recovered.load(Ordering::Acquire) {
             return Some("storage is still being recovered".to_string());
         }
+        None
+    }
+
+    /// Returns why the node is not ready, or `None` when it is: it must be
+    /// available and every shard it holds must have a leader. A request for
+    /// one shard does not wait on the others, so this is stricter than
+    /// [`AppState::unavailable_reason`].
+    pub fn readiness_problem(&self) -> Option<String> {
+        if let Some(reason) = self.unavailable_reason() {
+            return Some(reason);
+        }
         if !self.inner.router.all_have_leaders() {
-            return Some("a shard has no leader yet".to_string());
+            return Some("a shard on this node has no leader yet".to_string());
         }
         None
     }

@@ -22,15 +22,14 @@ use tracing::{debug, error, info, warn};
 use super::error::ApiError;
 use super::session_id;
 use super::state::AppState;
-use crate::consensus::state_machine::read_header;
 use crate::session::request::parse_decimal;
 use crate::tail::follower::{FollowError, Follower};
 
-const GOING_AWAY: u16 = 1001;
-const INTERNAL_ERROR: u16 = 1011;
+pub(super) const GOING_AWAY: u16 = 1001;
+pub(super) const INTERNAL_ERROR: u16 = 1011;
 
 /// Largest inbound message accepted; tails ignore inbound data anyway.
-const MAX_INBOUND_BYTES: usize = 64 * 1024;
+pub(super) const MAX_INBOUND_BYTES: usize = 64 * 1024;
 
 pub async fn upgrade(
     State(state): State<AppState>,
@@ -60,15 +59,10 @@ async fn prepare(
     let cursor = parse_cursor(query.as_deref().unwrap_or(""))?;
     state.ensure_available()?;
 
-    let header = match read_header(state.store(), &session_id) {
-        Ok(Some(header)) => header,
-        Ok(None) => return Err(ApiError::SessionNotFound(session_id)),
-        Err(err) => {
-            error!(session_id = %session_id, error = %err, "reading session header failed");
-            return Err(ApiError::Unavailable(format!(
-                "reading session {session_id:?} failed; retry shortly"
-            )));
-        }
+    // The leader's view, so a session created or appended to a moment ago
+    // through any node is found even if this replica has not applied it yet.
+    let Some(header) = state.router().read_header(&session_id).await? else {
+        return Err(ApiError::SessionNotFound(session_id));
     };
     if cursor > header.last_seq {
         return Err(ApiError::InvalidRequest(format!(
@@ -104,6 +98,9 @@ fn parse_cursor(query: &str) -> Result<u64, ApiError> {
 }
 
 fn accept(state: AppState, upgrade: WebSocketUpgrade, session_id: String, cursor: u64) -> Response {
+    if !state.router().hosts_session(&session_id) {
+        return super::relay::accept(state, upgrade, session_id, cursor);
+    }
     // Subscribing before the upgrade completes is what keeps events appended
     // from now on out of the gap between replay and live.
     let subscription = state.hub().subscribe(&session_id);
@@ -221,7 +218,7 @@ async fn follow(
 
 /// Writes `messages` and flushes once, giving up when the socket makes no
 /// progress for `limit`.
-async fn send(
+pub(super) async fn send(
     sink: &mut SplitSink<WebSocket, Message>,
     messages: Vec<Message>,
     limit: Duration,

@@ -5,15 +5,17 @@
 //! overhead. The batcher keeps at most [`MAX_IN_FLIGHT`] entries in flight
 //! per shard; requests that arrive meanwhile queue up and go out together
 //! as one [`Command::Batch`]. An idle shard sends a lone request at once,
-//! so batching adds no delay at low load.
+//! so batching adds no delay at low load. A batch goes to the shard's
+//! leader wherever it is, see [`ShardRoute::write`].
 
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{error, info};
 
+use super::route::ShardRoute;
 use super::WriteError;
-use crate::consensus::{Command, Outcome, Raft};
+use crate::consensus::{Command, Outcome};
 
 /// Raft entries one shard has in flight at most. One gave the largest
 /// batches and the most appends per second with 64 writers on a two-core
@@ -30,17 +32,17 @@ struct Request {
     reply: oneshot::Sender<Result<Outcome, WriteError>>,
 }
 
-/// Sends commands to one shard's Raft group, batching them under load.
+/// Sends commands to one shard's leader, batching them under load.
 #[derive(Clone)]
 pub struct Batcher {
     sender: mpsc::Sender<Request>,
 }
 
 impl Batcher {
-    /// Starts the batching task of shard `shard`.
-    pub fn start(shard: u32, raft: Raft) -> Batcher {
+    /// Starts the batching task of the shard behind `route`.
+    pub fn start(route: Arc<ShardRoute>) -> Batcher {
         let (sender, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(run(shard, raft, receiver));
+        tokio::spawn(run(route, receiver));
         Batcher { sender }
     }
 
@@ -61,7 +63,7 @@ impl Batcher {
     }
 }
 
-async fn run(shard: u32, raft: Raft, mut receiver: mpsc::Receiver<Request>) {
+async fn run(route: Arc<ShardRoute>, mut receiver: mpsc::Receiver<Request>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = receiver.recv().await {
         // Waiting for a slot is what lets later requests pile up into a batch.
@@ -77,19 +79,19 @@ async fn run(shard: u32, raft: Raft, mut receiver: mpsc::Receiver<Request>) {
             }
         }
 
-        let raft = raft.clone();
+        let route = route.clone();
         tokio::spawn(async move {
-            submit(shard, &raft, batch).await;
+            submit(&route, batch).await;
             drop(slot);
         });
     }
-    info!(shard, "batcher stopped");
+    info!(shard = route.shard(), "batcher stopped");
 }
 
-async fn submit(shard: u32, raft: &Raft, mut batch: Vec<Request>) {
+async fn submit(route: &ShardRoute, mut batch: Vec<Request>) {
     if batch.len() == 1 {
         let request = batch.remove(0);
-        let outcome = super::router::client_write(shard, raft, request.command).await;
+        let outcome = route.write(request.command).await;
         let _ = request.reply.send(outcome);
         return;
     }
@@ -99,7 +101,7 @@ async fn submit(shard: u32, raft: &Raft, mut batch: Vec<Request>) {
         .map(|request| (request.command, request.reply))
         .unzip();
     let count = commands.len();
-    match super::router::client_write(shard, raft, Command::Batch(commands)).await {
+    match route.write(Command::Batch(commands)).await {
         Ok(Outcome::Batch(outcomes)) if outcomes.len() == count => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 // A caller that gave up waiting has dropped its receiver.
@@ -107,7 +109,12 @@ async fn submit(shard: u32, raft: &Raft, mut batch: Vec<Request>) {
             }
         }
         Ok(other) => {
-            error!(shard, count, ?other, "batch returned a mismatched outcome");
+            error!(
+                shard = route.shard(),
+                count,
+                ?other,
+                "batch returned a mismatched outcome"
+            );
             for reply in replies {
                 let _ = reply.send(Err(WriteError::Unavailable(
                     "the shard returned an unexpected result".to_string(),
@@ -116,7 +123,7 @@ async fn submit(shard: u32, raft: &Raft, mut batch: Vec<Request>) {
         }
         Err(err) => {
             for reply in replies {
-                let _ = reply.send(Err(WriteError::Unavailable(err.to_string())));
+                let _ = reply.send(Err(err.clone()));
             }
         }
     }

@@ -1,16 +1,21 @@
 use std::sync::Arc;
 
-use openraft::error::{ClientWriteError, RaftError};
+use anyhow::Context;
 use openraft::SnapshotPolicy;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
+use super::batcher::Batcher;
+use super::route::ShardRoute;
 use super::shard::{Shard, ShardContext};
-use crate::consensus::{Command, EventSink, Outcome, Raft};
+use super::topology::Topology;
+use crate::consensus::transport::Peers;
+use crate::consensus::{Command, EventSink, Outcome};
+use crate::session::header::SessionHeader;
 use crate::storage::flusher::Flusher;
 use crate::storage::Store;
 
-/// A write that could not be carried out; the client may retry it.
-#[derive(Debug, thiserror::Error)]
+/// A request that could not be carried out; the client may retry it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     #[error("{0}")]
     Unavailable(String),
@@ -19,80 +24,148 @@ pub enum WriteError {
 /// Settings of the Raft groups on this node.
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
-    pub shards: u32,
-    pub node_id: u64,
-    pub node_addr: String,
     /// Log entries applied between two snapshots (after which the log is purged).
     pub snapshot_every: u64,
 }
 
-/// Maps sessions to shards and sends commands to them.
+/// Maps sessions to shards and sends commands to their leaders.
 pub struct Router {
-    shards: Vec<Shard>,
+    topology: Arc<Topology>,
+    routes: Vec<Arc<ShardRoute>>,
+    batchers: Vec<Batcher>,
 }
 
 impl Router {
-    /// Starts every shard of this node.
+    /// Starts every shard this node hosts and a route to every shard.
     pub async fn start(
         settings: &RouterSettings,
+        topology: Arc<Topology>,
+        peers: Option<Peers>,
         store: Store,
         flusher: Flusher,
         sink: Arc<dyn EventSink>,
     ) -> anyhow::Result<Router> {
         let context = ShardContext {
-            node_id: settings.node_id,
-            node_addr: settings.node_addr.clone(),
-            store,
+            topology: topology.clone(),
+            peers: peers.clone(),
+            store: store.clone(),
             flusher,
             sink,
-            config: Arc::new(raft_config(settings)?),
+            config: Arc::new(raft_config(settings, &topology)?),
         };
 
-        let mut shards = Vec::with_capacity(settings.shards as usize);
-        for id in 0..settings.shards {
-            shards.push(Shard::start(id, &context).await?);
+        let mut routes = Vec::with_capacity(topology.shards() as usize);
+        let mut batchers = Vec::with_capacity(topology.shards() as usize);
+        for id in 0..topology.shards() {
+            let local = if topology.hosts(id) {
+                let shard = Shard::start(id, &context)
+                    .await
+                    .with_context(|| format!("starting shard {id} failed"))?;
+                Some(shard)
+            } else {
+                None
+            };
+            let route = Arc::new(ShardRoute::new(
+                id,
+                topology.local_id(),
+                local,
+                topology.replicas(id),
+                peers.clone(),
+                store.clone(),
+            ));
+            batchers.push(Batcher::start(route.clone()));
+            routes.push(route);
         }
-        info!(shards = settings.shards, "all shards started");
-        Ok(Router { shards })
+        let hosted = routes
+            .iter()
+            .filter(|route| route.local().is_some())
+            .count();
+        info!(
+            shards = topology.shards(),
+            hosted,
+            node = topology.local_id(),
+            "all shards started"
+        );
+        Ok(Router {
+            topology,
+            routes,
+            batchers,
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
     /// Returns the shard that owns `session_id`.
-    ///
-    /// The hash (XXH3, seed 0) and the modulo are part of the on-disk format:
-    /// changing either would move sessions away from the shard holding them.
-    pub fn shard_for(&self, session_id: &str) -> &Shard {
-        let hash = xxhash_rust::xxh3::xxh3_64(session_id.as_bytes());
-        let index = (hash % self.shards.len() as u64) as usize;
-        &self.shards[index]
+    pub fn shard_of(&self, session_id: &str) -> u32 {
+        crate::storage::keys::shard_of(session_id, self.topology.shards())
+    }
+
+    /// The route of shard `shard`, if it exists.
+    pub fn route(&self, shard: u32) -> Option<&ShardRoute> {
+        self.routes.get(shard as usize).map(|route| &**route)
+    }
+
+    fn route_of(&self, session_id: &str) -> &ShardRoute {
+        &self.routes[self.shard_of(session_id) as usize]
     }
 
     /// Sends `command` through its shard's Raft log and returns the outcome
     /// once the entry is committed and applied.
     pub async fn write(&self, command: Command, session_id: &str) -> Result<Outcome, WriteError> {
-        self.shard_for(session_id).batcher.write(command).await
+        self.batchers[self.shard_of(session_id) as usize]
+            .write(command)
+            .await
     }
 
-    /// Waits until every shard has re-applied the log it found at start.
+    /// Reads a session header as the shard leader sees it.
+    pub async fn read_header(&self, session_id: &str) -> Result<Option<SessionHeader>, WriteError> {
+        self.route_of(session_id).read_header(session_id).await
+    }
+
+    /// Whether this node holds a replica of the session's shard, so that
+    /// tails can be served from its own store.
+    pub fn hosts_session(&self, session_id: &str) -> bool {
+        self.route_of(session_id).local().is_some()
+    }
+
+    /// Peer ids holding the session's shard, leader first when known.
+    pub fn replicas_of(&self, session_id: &str) -> Vec<u64> {
+        let shard = self.shard_of(session_id);
+        let mut replicas = self.topology.replicas(shard);
+        if let Some(leader) = self.route_of(session_id).leader() {
+            replicas.retain(|id| *id != leader);
+            replicas.insert(0, leader);
+        }
+        replicas
+    }
+
+    fn hosted(&self) -> impl Iterator<Item = &Shard> {
+        self.routes.iter().filter_map(|route| route.local())
+    }
+
+    /// Waits until every hosted shard has re-applied the log it found at start.
     pub async fn wait_recovered(&self) -> anyhow::Result<()> {
-        for shard in &self.shards {
+        for shard in self.hosted() {
             shard.wait_recovered().await?;
         }
         Ok(())
     }
 
-    /// Returns whether every shard has a leader.
+    /// Returns whether every hosted shard has a leader.
     pub fn all_have_leaders(&self) -> bool {
-        self.shards.iter().all(Shard::has_leader)
+        self.hosted().all(|shard| shard.leader().is_some())
     }
 
-    /// Samples every shard's Raft state for the health gauges.
+    /// Samples every hosted shard's Raft state for the health gauges.
     pub fn health(&self) -> Vec<crate::metrics::ShardHealth> {
-        self.shards.iter().map(Shard::health).collect()
+        self.hosted().map(Shard::health).collect()
     }
 
-    /// Stops every Raft group, waiting for in-flight log writes.
+    /// Stops every hosted Raft group, waiting for in-flight log writes.
     pub async fn shutdown(&self) {
-        for shard in &self.shards {
+        for shard in self.hosted() {
             if let Err(err) = shard.raft.shutdown().await {
                 error!(shard = shard.id, error = %err, "shard did not stop cleanly");
             }
@@ -101,46 +174,26 @@ impl Router {
     }
 }
 
-/// Writes one entry through `raft` and maps openraft's errors to what a
-/// client can act on.
-pub(super) async fn client_write(
-    shard: u32,
-    raft: &Raft,
-    command: Command,
-) -> Result<Outcome, WriteError> {
-    match raft.client_write(Arc::new(command)).await {
-        Ok(response) => Ok(response.data),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-            warn!(shard, leader = ?forward.leader_id, "write reached a node that is not the leader");
-            Err(WriteError::Unavailable(format!(
-                "shard {shard} has no leader on this node; retry shortly"
-            )))
-        }
-        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(err))) => {
-            error!(shard, error = %err, "unexpected membership error on a client write");
-            Err(WriteError::Unavailable(format!(
-                "shard {shard} is changing membership; retry shortly"
-            )))
-        }
-        Err(RaftError::Fatal(fatal)) => {
-            error!(shard, error = %fatal, "shard stopped");
-            Err(WriteError::Unavailable(format!(
-                "shard {shard} is stopped: {fatal}"
-            )))
-        }
-    }
-}
-
-fn raft_config(settings: &RouterSettings) -> anyhow::Result<openraft::Config> {
+fn raft_config(settings: &RouterSettings, topology: &Topology) -> anyhow::Result<openraft::Config> {
     let config = openraft::Config {
         cluster_name: "starcite".to_string(),
         heartbeat_interval: 500,
         election_timeout_min: 1500,
         election_timeout_max: 3000,
+        // A lagging follower gets a snapshot of several MiB per call at
+        // most, and each call has this long.
+        install_snapshot_timeout: 10_000,
+        snapshot_max_chunk_size: 4 * 1024 * 1024,
         // Large batches let one fsync and one apply serve many appends.
         max_payload_entries: 4096,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
-        max_in_snapshot_log_to_keep: 1000,
+        // A cluster keeps more of the log after a snapshot, so a follower
+        // that was briefly away catches up from the log instead of a snapshot.
+        max_in_snapshot_log_to_keep: if topology.is_single() {
+            1000
+        } else {
+            settings.snapshot_every
+        },
         purge_batch_size: 1024,
         ..Default::default()
     };

@@ -1,31 +1,34 @@
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use openraft::BasicNode;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::batcher::Batcher;
+use super::topology::Topology;
 use crate::consensus::log_store::LogStore;
-use crate::consensus::network::NoPeers;
+use crate::consensus::network::ShardNetwork;
 use crate::consensus::state_machine::StateMachine;
+use crate::consensus::transport::Peers;
 use crate::consensus::{EventSink, Raft};
 use crate::storage::flusher::Flusher;
 use crate::storage::Store;
 
-/// One Raft group and what it needs to report recovery.
+/// One Raft group hosted on this node and what it needs to report recovery.
 pub struct Shard {
     pub id: u32,
     pub raft: Raft,
-    pub batcher: Batcher,
-    /// Index of the last log entry found at start; the shard has recovered
-    /// once its state machine has applied up to here.
+    /// Index the state machine must reach before the shard serves reads:
+    /// the end of the log found at start on a single node (every entry there
+    /// was committed), the committed index found at start in a cluster
+    /// (later entries may be uncommitted and replaced by the leader).
     recovered_index: Option<u64>,
 }
 
 /// Handles and settings shared by every shard of a node.
 pub struct ShardContext {
-    pub node_id: u64,
-    pub node_addr: String,
+    pub topology: Arc<Topology>,
+    pub peers: Option<Peers>,
     pub store: Store,
     pub flusher: Flusher,
     pub sink: Arc<dyn EventSink>,
@@ -33,37 +36,44 @@ pub struct ShardContext {
 }
 
 impl Shard {
-    /// Starts the Raft group of shard `id` and, on first start, makes this
-    /// node its only member.
+    /// Starts the Raft group of shard `id` and, on first start, forms it
+    /// from the shard's replicas.
     pub async fn start(id: u32, context: &ShardContext) -> anyhow::Result<Shard> {
         let log_store = LogStore::new(id, context.store.clone(), context.flusher.clone());
-        let recovered_index = log_store.last_index()?;
-        let state_machine = StateMachine::new(id, context.store.clone(), context.sink.clone());
+        let recovered_index = if context.topology.is_single() {
+            log_store.last_index()?
+        } else {
+            log_store.committed_index()?
+        };
+        // Snapshots are built from the live state only once Raft runs: the
+        // read openraft makes while starting needs just their metadata.
+        let running = Arc::new(AtomicBool::new(false));
+        let state_machine = StateMachine::new(
+            id,
+            context.store.clone(),
+            context.sink.clone(),
+            running.clone(),
+        );
+        let network = ShardNetwork::new(id, context.peers.clone());
 
+        let local = context.topology.local_id();
         let raft = Raft::new(
-            context.node_id,
+            local,
             context.config.clone(),
-            NoPeers,
+            network,
             log_store,
             state_machine,
         )
         .await?;
+        running.store(true, std::sync::atomic::Ordering::Release);
 
         if !raft.is_initialized().await? {
-            let members = BTreeMap::from([(context.node_id, BasicNode::new(&context.node_addr))]);
-            raft.initialize(members).await?;
-            info!(
-                shard = id,
-                node = context.node_id,
-                "shard initialized as a single-node group"
-            );
+            form_group(id, &raft, &context.topology).await?;
         }
 
-        let batcher = Batcher::start(id, raft.clone());
         Ok(Shard {
             id,
             raft,
-            batcher,
             recovered_index,
         })
     }
@@ -88,12 +98,58 @@ impl Shard {
         crate::metrics::ShardHealth {
             shard: self.id,
             has_leader: metrics.current_leader.is_some(),
+            leader: metrics.current_leader,
             applied_index: metrics.last_applied.map_or(0, |log_id| log_id.index),
         }
     }
 
-    /// Returns whether the shard currently has a leader.
-    pub fn has_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader.is_some()
+    /// The shard's current leader as this replica knows it.
+    pub fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
     }
+}
+
+/// How long a replica that is not the preferred leader waits before it
+/// forms the group itself, in case the preferred leader is down.
+const FORMATION_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Makes the shard's replicas its first membership. The preferred leader
+/// does it at once and wins the first election, so leaders start out spread
+/// evenly; the other replicas join when it contacts them. Should it be down,
+/// they form the group themselves after [`FORMATION_GRACE`] with the same
+/// member set, which openraft allows on any number of replicas.
+async fn form_group(id: u32, raft: &Raft, topology: &Topology) -> anyhow::Result<()> {
+    let replicas = topology.replicas(id);
+    let members: BTreeMap<u64, BasicNode> = replicas
+        .iter()
+        .map(|node| {
+            let addr = topology.member(*node).map_or("", |m| m.addr.as_str());
+            (*node, BasicNode::new(addr))
+        })
+        .collect();
+
+    let preferred = replicas.first() == Some(&topology.local_id());
+    if preferred {
+        raft.initialize(members).await?;
+        info!(shard = id, node = topology.local_id(), replicas = ?replicas, "shard group formed");
+        return Ok(());
+    }
+
+    let raft = raft.clone();
+    let node = topology.local_id();
+    tokio::spawn(async move {
+        tokio::time::sleep(FORMATION_GRACE).await;
+        match raft.is_initialized().await {
+            Ok(true) => {}
+            Ok(false) => match raft.initialize(members).await {
+                Ok(()) => warn!(
+                    shard = id,
+                    node, "preferred leader silent; shard group formed here"
+                ),
+                Err(err) => warn!(shard = id, node, error = %err, "forming the shard group failed"),
+            },
+            Err(err) => warn!(shard = id, node, error = %err, "checking the shard group failed"),
+        }
+    });
+    Ok(())
 }

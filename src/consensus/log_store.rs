@@ -119,6 +119,14 @@ impl LogStore {
         recovered_last_index(&self.store, self.shard)
     }
 
+    /// Index of the last entry known to be committed when it was last recorded.
+    pub fn committed_index(&self) -> Result<Option<u64>, StorageError<u64>> {
+        let committed = self
+            .read_value::<Option<LogId<u64>>>(COMMITTED, "committed log id")?
+            .flatten();
+        Ok(committed.map(|log_id| log_id.index))
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
         self.cache
             .lock()
@@ -276,7 +284,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.store
             .raft_meta
             .insert(key, encode(&committed))
-            .map_err(|err| io_error(ErrorSubject::Store, ErrorVerb::Write, err))
+            .map_err(|err| io_error(ErrorSubject::Store, ErrorVerb::Write, err))?;
+        if let Some(log_id) = committed {
+            self.flusher.committed(self.shard, log_id.index);
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {

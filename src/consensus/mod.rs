@@ -3,6 +3,7 @@
 //!
 //! Every shard is one Raft group. A single node is a cluster of one: the
 //! same log store and state machine, with a network that has no peers.
+//! In a cluster, Raft messages travel over HTTP between peer ports.
 
 // openraft's storage traits fix the error type to its `StorageError`, which
 // is large; the helpers here return it as is instead of boxing and unboxing.
@@ -12,7 +13,9 @@ mod codec;
 pub mod command;
 pub mod log_store;
 pub mod network;
+pub mod snapshot;
 pub mod state_machine;
+pub mod transport;
 
 pub use command::{AppendCommand, Command, CreateCommand, Outcome};
 

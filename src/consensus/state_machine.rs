@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
 use super::codec::{decode, encode, io_error};
+use super::snapshot;
 use super::{AppendCommand, AppliedEvent, Command, CreateCommand, EventSink, Outcome, TypeConfig};
 use crate::session::event;
 use crate::session::header::SessionHeader;
@@ -38,6 +40,9 @@ pub struct StateMachine {
     shard: u32,
     store: Store,
     sink: Arc<dyn EventSink>,
+    /// Set once Raft runs: from then on a request for the current snapshot
+    /// means a peer needs it, and gets the shard's full image.
+    running: Arc<AtomicBool>,
 }
 
 /// Writes of one apply batch that later entries of the same batch must see.
@@ -49,8 +54,38 @@ struct PendingWrites {
 }
 
 impl StateMachine {
-    pub fn new(shard: u32, store: Store, sink: Arc<dyn EventSink>) -> StateMachine {
-        StateMachine { shard, store, sink }
+    pub fn new(
+        shard: u32,
+        store: Store,
+        sink: Arc<dyn EventSink>,
+        running: Arc<AtomicBool>,
+    ) -> StateMachine {
+        StateMachine {
+            shard,
+            store,
+            sink,
+            running,
+        }
+    }
+
+    fn shard_count(&self) -> Result<u32, StorageError<u64>> {
+        self.store
+            .shard_count()
+            .map_err(|err| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, err))
+    }
+
+    /// The shard's full image at the applied point, with that point as its
+    /// log id. Runs between two applies, so the state does not move under it.
+    fn current_image(&self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let state = self.read_applied()?;
+        let image = snapshot::build(&self.store, self.shard, self.shard_count()?)?;
+        let (sessions, events) = image.size();
+        let meta = snapshot_meta(self.shard, &state);
+        info!(shard = self.shard, snapshot = %meta.snapshot_id, sessions, events, "snapshot image built for a peer");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(snapshot::to_bytes(&image))),
+        })
     }
 
     fn read_applied(&self) -> Result<AppliedState, StorageError<u64>> {
@@ -289,16 +324,48 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, BasicNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
-        // TODO: snapshots carry only their metadata; a follower that falls
-        // behind the leader's purged log cannot be rebuilt from one yet.
-        error!(shard = self.shard, snapshot = %meta.snapshot_id, "installing snapshots is not supported");
-        Err(io_error(
-            ErrorSubject::Snapshot(Some(meta.signature())),
-            ErrorVerb::Write,
-            "installing a snapshot from another node is not supported by this version",
-        ))
+        let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
+        let image = snapshot::from_bytes(snapshot.get_ref())?;
+        let (sessions, events) = image.size();
+        info!(shard = self.shard, snapshot = %meta.snapshot_id, sessions, events, "installing snapshot");
+
+        let mut batch = self.store.keyspace.batch();
+        snapshot::replace(
+            &self.store,
+            self.shard,
+            self.shard_count()?,
+            &image,
+            &mut batch,
+        )?;
+        let state = AppliedState {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        batch.insert(
+            &self.store.applied,
+            self.shard.to_be_bytes(),
+            encode(&state),
+        );
+        batch.insert(
+            &self.store.raft_meta,
+            keys::shard_value(self.shard, SNAPSHOT),
+            encode(meta),
+        );
+        batch
+            .commit()
+            .map_err(|err| io_error(subject(), ErrorVerb::Write, err))?;
+
+        // openraft purges the log up to the snapshot next, so the state must
+        // be durable first.
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.persist())
+            .await
+            .map_err(|err| io_error(subject(), ErrorVerb::Write, err))?
+            .map_err(|err| io_error(subject(), ErrorVerb::Write, err))?;
+        info!(shard = self.shard, snapshot = %meta.snapshot_id, "snapshot installed");
+        Ok(())
     }
 
     async fn get_current_snapshot(
@@ -311,11 +378,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .get(key)
             .map_err(|err| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, err))?;
         let Some(bytes) = value else { return Ok(None) };
+        if self.running.load(Ordering::Acquire) {
+            return self.current_image().map(Some);
+        }
         let meta: SnapshotMeta<u64, BasicNode> = decode(&bytes, "snapshot metadata")?;
         Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(bytes.to_vec())),
         }))
+    }
+}
+
+fn snapshot_meta(shard: u32, state: &AppliedState) -> SnapshotMeta<u64, BasicNode> {
+    let index = state.last_applied.map_or(0, |log_id| log_id.index);
+    SnapshotMeta {
+        last_log_id: state.last_applied,
+        last_membership: state.membership.clone(),
+        snapshot_id: format!("shard-{shard}-index-{index}"),
     }
 }
 
@@ -348,12 +427,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(|err| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, err))?
             .map_err(|err| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, err))?;
 
+        let meta = snapshot_meta(self.shard, &state);
         let index = state.last_applied.map_or(0, |log_id| log_id.index);
-        let meta = SnapshotMeta {
-            last_log_id: state.last_applied,
-            last_membership: state.membership,
-            snapshot_id: format!("shard-{}-index-{index}", self.shard),
-        };
         let bytes = encode(&meta);
         self.store
             .raft_meta

@@ -44,7 +44,36 @@ struct Shared {
 #[derive(Clone)]
 pub struct Flusher {
     shared: Arc<Shared>,
+    committed: Committed,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// Highest committed log index per shard, as reported by the log stores.
+///
+/// The watermark never claims more than this: on a cluster follower, durable
+/// entries past the commit point may still be replaced by the leader (Raft
+/// truncates conflicting uncommitted entries), while committed ones never are.
+#[derive(Clone, Default)]
+struct Committed(Arc<Mutex<Watermark>>);
+
+impl Committed {
+    fn raise(&self, shard: u32, index: u64) {
+        let mut committed = lock(&self.0);
+        let entry = committed.entry(shard).or_insert(0);
+        *entry = (*entry).max(index);
+    }
+
+    /// `durable`, capped per shard by the committed index.
+    fn cap(&self, durable: &Watermark) -> Watermark {
+        let committed = lock(&self.0);
+        durable
+            .iter()
+            .map(|(shard, index)| {
+                let limit = committed.get(shard).copied().unwrap_or(0);
+                (*shard, (*index).min(limit))
+            })
+            .collect()
+    }
 }
 
 impl Flusher {
@@ -56,16 +85,31 @@ impl Flusher {
             wakeup: Condvar::new(),
         });
 
+        // Whatever the file recorded was committed when it was written.
+        let recorded = watermark::read(&data_dir)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let committed = Committed(Arc::new(Mutex::new(recorded)));
+
         let worker_shared = shared.clone();
+        let worker_committed = committed.clone();
         let thread = std::thread::Builder::new()
             .name("starcite-fsync".into())
-            .spawn(move || run(&worker_shared, &store, &data_dir))?;
+            .spawn(move || run(&worker_shared, &worker_committed, &store, &data_dir))?;
 
         info!("group commit thread started");
         Ok(Flusher {
             shared,
+            committed,
             thread: Arc::new(Mutex::new(Some(thread))),
         })
+    }
+
+    /// Records that shard `shard`'s log is committed up to `index`, which
+    /// lets the watermark claim entries up to there.
+    pub fn committed(&self, shard: u32, index: u64) {
+        self.committed.raise(shard, index);
     }
 
     /// Registers `callback` to run after the next fsync that starts from now
@@ -114,23 +158,28 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Progress {
     latest: Watermark,
     lagging: Watermark,
+    committed: Committed,
+    /// Last value handed to the writer.
+    published: Watermark,
     writer: WatermarkWriter,
 }
 
 impl Progress {
     fn advance(&mut self, batch: &[Waiter]) {
-        let previous = std::mem::replace(&mut self.lagging, self.latest.clone());
+        self.lagging = self.latest.clone();
         for waiter in batch {
             let index = self.latest.entry(waiter.shard).or_insert(0);
             *index = (*index).max(waiter.last_index);
         }
-        if previous != self.lagging {
-            self.writer.publish(self.lagging.clone());
+        let claim = self.committed.cap(&self.lagging);
+        if claim != self.published {
+            self.published = claim.clone();
+            self.writer.publish(claim);
         }
     }
 }
 
-fn run(shared: &Shared, store: &Store, data_dir: &Path) {
+fn run(shared: &Shared, committed: &Committed, store: &Store, data_dir: &Path) {
     // Start from the file, so shards that stay idle after a restart keep
     // their recorded position.
     let recorded = match watermark::read(data_dir) {
@@ -150,7 +199,9 @@ fn run(shared: &Shared, store: &Store, data_dir: &Path) {
     };
     let mut progress = Progress {
         latest: recorded.clone(),
-        lagging: recorded,
+        lagging: recorded.clone(),
+        committed: committed.clone(),
+        published: recorded,
         writer,
     };
 

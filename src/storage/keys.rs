@@ -32,6 +32,15 @@ pub fn shard_value(shard: u32, kind: u8) -> [u8; 5] {
     key
 }
 
+/// Shard of `session_id` among `shard_count` shards.
+///
+/// The hash (XXH3, seed 0) and the modulo are part of the on-disk format:
+/// changing either would move sessions away from the shard holding them.
+pub fn shard_of(session_id: &str, shard_count: u32) -> u32 {
+    let hash = xxhash_rust::xxh3::xxh3_64(session_id.as_bytes());
+    (hash % u64::from(shard_count)) as u32
+}
+
 /// Key of a session header.
 pub fn session(id: &str) -> Vec<u8> {
     id.as_bytes().to_vec()

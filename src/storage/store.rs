@@ -33,6 +33,16 @@ pub enum StoreError {
         stored: u32,
         requested: u32,
     },
+    #[error(
+        "data directory {path} belongs to a cluster with {stored:?} but this node was started with \
+         {requested:?}; members, shard count and replication factor are fixed when a node's data \
+         directory is created, so start with the original NODE_NAME / CLUSTER_NODES or use a new data directory"
+    )]
+    LayoutMismatch {
+        path: PathBuf,
+        stored: String,
+        requested: String,
+    },
 }
 
 /// Tuning of the embedded store.
@@ -70,9 +80,12 @@ pub struct Store {
     /// a failed fsync, so a later one succeeding would prove nothing: every
     /// persist after the first failure fails too.
     sync_failed: Arc<AtomicBool>,
+    /// Shard count the data directory was created with.
+    shards: u32,
 }
 
 const SHARD_COUNT_KEY: &[u8] = b"shard_count";
+const LAYOUT_KEY: &[u8] = b"cluster_layout";
 
 impl Store {
     /// Opens (or creates) the store under `path`, recovering the journal.
@@ -121,10 +134,34 @@ impl Store {
             _lock: Arc::new(lock),
             journals: Arc::new(Mutex::new(JournalFiles::new(path))),
             sync_failed: Arc::new(AtomicBool::new(false)),
+            shards,
         };
 
         store.check_shard_count(path, shards)?;
         Ok(store)
+    }
+
+    /// Shard count of this data directory.
+    pub fn shard_count(&self) -> Result<u32, StoreError> {
+        Ok(self.shards)
+    }
+
+    /// Records `layout` (the cluster's members, shard count and replication
+    /// factor) on first start and refuses a data directory created for
+    /// another one: its Raft groups would have other members.
+    pub fn check_layout(&self, path: &Path, layout: &str) -> Result<(), StoreError> {
+        match self.settings.get(LAYOUT_KEY)? {
+            Some(stored) if stored.as_ref() == layout.as_bytes() => Ok(()),
+            Some(stored) => Err(StoreError::LayoutMismatch {
+                path: path.to_path_buf(),
+                stored: String::from_utf8_lossy(&stored).into_owned(),
+                requested: layout.to_string(),
+            }),
+            None => {
+                self.settings.insert(LAYOUT_KEY, layout.as_bytes())?;
+                self.persist()
+            }
+        }
     }
 
     /// Returns whether `err` means the store is damaged, as opposed to in use

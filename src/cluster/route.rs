@@ -1,0 +1,359 @@
+//! Getting a command or a read to the leader of one shard, wherever it is.
+//!
+//! A node that hosts the shard knows its leader from openraft; a node that
+//! does not keeps a hint, learned from the replicas it asks. A request that
+//! meets a node which is not (or no longer) the leader follows that node's
+//! hint and tries again, until [`ROUTE_DEADLINE`] runs out. Only answers that
+//! prove the command was not carried out are retried: a forwarded write that
+//! got no answer may have been applied, so it fails with `503` and the
+//! client retries it with its idempotency key.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
+
+use super::shard::Shard;
+use super::WriteError;
+use crate::consensus::state_machine::read_header;
+use crate::consensus::transport::{CallError, Peers};
+use crate::consensus::{Command, Outcome};
+use crate::session::header::SessionHeader;
+use crate::storage::Store;
+
+/// How long a request may look for a shard leader before it gets `503`.
+/// Covers one election (1.5 to 3 s) and the time to notice the old leader is gone.
+const ROUTE_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a write may wait for commit, here or on the leader it was
+/// forwarded to, before its outcome is reported as unknown.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between two attempts to find a leader.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Why a node did not carry out a request addressed to a shard leader.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Refusal {
+    /// This node is not the leader; `leader` is who it believes is.
+    NotLeader { leader: Option<u64> },
+    /// The shard cannot serve the request; the text says why.
+    Unavailable(String),
+}
+
+/// Answer of a peer to a forwarded request.
+pub type PeerAnswer<T> = Result<T, Refusal>;
+
+/// Peer path of forwarded writes to shard `shard`.
+pub fn write_path(shard: u32) -> String {
+    format!("/_cluster/v1/shards/{shard}/write")
+}
+
+/// Peer path of forwarded header reads of `session_id` in shard `shard`.
+pub fn header_path(shard: u32, session_id: &str) -> String {
+    format!("/_cluster/v1/shards/{shard}/sessions/{session_id}")
+}
+
+/// Where one shard lives and how to reach its leader.
+pub struct ShardRoute {
+    shard: u32,
+    local_id: u64,
+    /// The Raft group, when this node hosts a replica.
+    local: Option<Shard>,
+    replicas: Vec<u64>,
+    /// Peers, absent on a single node.
+    peers: Option<Peers>,
+    store: Store,
+    /// Last leader heard of, for shards this node does not host; 0 if none.
+    hint: AtomicU64,
+}
+
+impl ShardRoute {
+    pub fn new(
+        shard: u32,
+        local_id: u64,
+        local: Option<Shard>,
+        replicas: Vec<u64>,
+        peers: Option<Peers>,
+        store: Store,
+    ) -> ShardRoute {
+        ShardRoute {
+            shard,
+            local_id,
+            local,
+            hint: AtomicU64::new(replicas.first().copied().unwrap_or(0)),
+            replicas,
+            peers,
+            store,
+        }
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    /// The Raft group of this shard on this node, if it hosts one.
+    pub fn local(&self) -> Option<&Shard> {
+        self.local.as_ref()
+    }
+
+    /// The leader as this node knows it.
+    pub fn leader(&self) -> Option<u64> {
+        match &self.local {
+            Some(shard) => shard.leader(),
+            None => Some(self.hint.load(Ordering::Relaxed)).filter(|id| *id != 0),
+        }
+    }
+
+    fn learn(&self, leader: Option<u64>) {
+        self.hint.store(leader.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Picks the replica to ask next when no leader is known: the one after
+    /// the last hint, so that every replica is tried in turn.
+    fn next_guess(&self) -> u64 {
+        let last = self.hint.load(Ordering::Relaxed);
+        let position = self.replicas.iter().position(|id| *id == last);
+        let next = match position {
+            Some(index) => self.replicas[(index + 1) % self.replicas.len()],
+            None => self.replicas[0],
+        };
+        self.hint.store(next, Ordering::Relaxed);
+        next
+    }
+
+    /// Carries out `command` on the shard leader and returns its outcome.
+    pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
+        let command = Arc::new(command);
+        let deadline = Instant::now() + ROUTE_DEADLINE;
+        loop {
+            let target = self.target().await;
+            let attempt = match target {
+                Some(node) if node == self.local_id => self.write_here(command.clone()).await,
+                Some(node) => self.forward_write(node, &command).await?,
+                None => Err(Refusal::NotLeader { leader: None }),
+            };
+            match attempt {
+                Ok(outcome) => return Ok(outcome),
+                Err(Refusal::Unavailable(reason)) => return Err(WriteError::Unavailable(reason)),
+                Err(Refusal::NotLeader { leader }) => {
+                    self.after_refusal(leader, deadline).await?;
+                }
+            }
+        }
+    }
+
+    /// Reads a session header on the shard leader, after it has confirmed
+    /// it still leads, so the answer includes every acknowledged write.
+    pub async fn read_header(&self, session_id: &str) -> Result<Option<SessionHeader>, WriteError> {
+        if self.peers.is_none() {
+            // A single node is always the leader of its shards.
+            return self.read_store(session_id).map_err(WriteError::Unavailable);
+        }
+        let deadline = Instant::now() + ROUTE_DEADLINE;
+        loop {
+            let attempt = match self.target().await {
+                Some(node) if node == self.local_id => self.read_header_here(session_id).await,
+                Some(node) => self.forward_read(node, session_id).await?,
+                None => Err(Refusal::NotLeader { leader: None }),
+            };
+            match attempt {
+                Ok(header) => return Ok(header),
+                Err(Refusal::Unavailable(reason)) => return Err(WriteError::Unavailable(reason)),
+                Err(Refusal::NotLeader { leader }) => {
+                    self.after_refusal(leader, deadline).await?;
+                }
+            }
+        }
+    }
+
+    /// The node to send the next attempt to.
+    async fn target(&self) -> Option<u64> {
+        match &self.local {
+            Some(shard) => shard.leader(),
+            None => Some(self.leader().unwrap_or_else(|| self.next_guess())),
+        }
+    }
+
+    /// Records who a refusing node named as leader and waits a little before
+    /// the next attempt, or fails once the deadline has passed.
+    async fn after_refusal(
+        &self,
+        leader: Option<u64>,
+        deadline: Instant,
+    ) -> Result<(), WriteError> {
+        if self.local.is_none() {
+            match leader {
+                Some(leader) => self.learn(Some(leader)),
+                // Ask the next replica instead.
+                None => {
+                    self.next_guess();
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            warn!(shard = self.shard, "no leader found before the deadline");
+            return Err(WriteError::Unavailable(format!(
+                "shard {} has no reachable leader (an election may be in progress); retry shortly",
+                self.shard
+            )));
+        }
+        match (&self.local, leader) {
+            // A replica follows openraft's view of the leader, which changes
+            // with the election: wait for that view to move.
+            (Some(shard), _) => {
+                let mut metrics = shard.raft.metrics();
+                let _ = tokio::time::timeout(RETRY_PAUSE, metrics.changed()).await;
+            }
+            // A named leader elsewhere: try it almost at once, with a pause
+            // that keeps two nodes naming each other from spinning.
+            (None, Some(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
+            (None, None) => tokio::time::sleep(RETRY_PAUSE).await,
+        }
+        Ok(())
+    }
+
+    /// Writes through the local Raft group; refuses unless it leads.
+    pub async fn write_here(&self, command: Arc<Command>) -> Result<Outcome, Refusal> {
+        let Some(shard) = &self.local else {
+            return Err(Refusal::NotLeader {
+                leader: self.leader(),
+            });
+        };
+        let written = tokio::time::timeout(COMMIT_TIMEOUT, shard.raft.client_write(command)).await;
+        match written {
+            Ok(Ok(response)) => Ok(response.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                // openraft answers this only for entries it did not keep, so
+                // trying again elsewhere cannot apply the command twice.
+                debug!(shard = self.shard, leader = ?forward.leader_id, "not the leader");
+                Err(Refusal::NotLeader {
+                    leader: forward.leader_id,
+                })
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(err)))) => {
+                error!(shard = self.shard, error = %err, "unexpected membership error on a client write");
+                Err(Refusal::Unavailable(format!(
+                    "shard {} is changing membership; retry shortly",
+                    self.shard
+                )))
+            }
+            Ok(Err(RaftError::Fatal(fatal))) => {
+                error!(shard = self.shard, error = %fatal, "shard stopped");
+                Err(Refusal::Unavailable(format!(
+                    "shard {} is stopped: {fatal}",
+                    self.shard
+                )))
+            }
+            Err(_) => {
+                warn!(
+                    shard = self.shard,
+                    timeout_ms = COMMIT_TIMEOUT.as_millis() as u64,
+                    "write not committed in time"
+                );
+                Err(Refusal::Unavailable(format!(
+                    "shard {} did not commit the write within {} s (no quorum?); its outcome is unknown, \
+                     so retry it with the same idempotency_key",
+                    self.shard,
+                    COMMIT_TIMEOUT.as_secs()
+                )))
+            }
+        }
+    }
+
+    /// Reads a header here after confirming leadership; refuses unless this
+    /// node leads.
+    pub async fn read_header_here(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<SessionHeader>, Refusal> {
+        let Some(shard) = &self.local else {
+            return Err(Refusal::NotLeader {
+                leader: self.leader(),
+            });
+        };
+        let confirmed =
+            tokio::time::timeout(COMMIT_TIMEOUT, shard.raft.ensure_linearizable()).await;
+        match confirmed {
+            Ok(Ok(_)) => self.read_store(session_id).map_err(Refusal::Unavailable),
+            Ok(Err(RaftError::APIError(err))) => match err {
+                openraft::error::CheckIsLeaderError::ForwardToLeader(forward) => {
+                    Err(Refusal::NotLeader {
+                        leader: forward.leader_id,
+                    })
+                }
+                openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => {
+                    Err(Refusal::NotLeader { leader: None })
+                }
+            },
+            Ok(Err(RaftError::Fatal(fatal))) => Err(Refusal::Unavailable(format!(
+                "shard {} is stopped: {fatal}",
+                self.shard
+            ))),
+            Err(_) => Err(Refusal::Unavailable(format!(
+                "shard {} could not confirm its leader within {} s; retry shortly",
+                self.shard,
+                COMMIT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    fn read_store(&self, session_id: &str) -> Result<Option<SessionHeader>, String> {
+        read_header(&self.store, session_id).map_err(|err| {
+            error!(session_id, error = %err, "reading session header failed");
+            format!("reading session {session_id:?} failed; retry shortly")
+        })
+    }
+
+    async fn forward_write(
+        &self,
+        node: u64,
+        command: &Arc<Command>,
+    ) -> Result<Result<Outcome, Refusal>, WriteError> {
+        let peers = self.peers.as_ref().expect("a remote leader implies peers");
+        let answer: Result<PeerAnswer<Outcome>, CallError> = peers
+            .post(node, &write_path(self.shard), command, COMMIT_TIMEOUT)
+            .await;
+        self.settle(node, answer, "write")
+    }
+
+    async fn forward_read(
+        &self,
+        node: u64,
+        session_id: &str,
+    ) -> Result<Result<Option<SessionHeader>, Refusal>, WriteError> {
+        let peers = self.peers.as_ref().expect("a remote leader implies peers");
+        let answer = peers
+            .get(node, &header_path(self.shard, session_id), COMMIT_TIMEOUT)
+            .await;
+        self.settle(node, answer, "read")
+    }
+
+    /// Turns a peer's answer into an outcome, a retryable refusal, or a
+    /// final error when the request may have been carried out.
+    fn settle<T>(
+        &self,
+        node: u64,
+        answer: Result<PeerAnswer<T>, CallError>,
+        what: &str,
+    ) -> Result<Result<T, Refusal>, WriteError> {
+        match answer {
+            Ok(answer) => Ok(answer),
+            Err(err @ (CallError::Unreachable { .. } | CallError::Refused { .. })) => {
+                // Nothing was carried out there: look for the leader again.
+                warn!(shard = self.shard, node, error = %err, "forwarded {what} not accepted; retrying");
+                Ok(Err(Refusal::NotLeader { leader: None }))
+            }
+            Err(err @ CallError::NoAnswer { .. }) => {
+                warn!(shard = self.shard, node, error = %err, "forwarded {what} got no answer");
+                Err(WriteError::Unavailable(format!(
+                    "the leader of shard {} did not answer ({err}); the outcome is unknown, \
+                     so retry with the same idempotency_key",
+                    self.shard
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! HTTP client for node-to-node calls: Raft messages, forwarded writes and
+//! forwarded reads.
+//!
+//! Every call is an HTTP/1.1 `POST` or `GET` to a peer's peer port with a
+//! postcard body, over reqwest's pooled keep-alive connections. Each request
+//! carries the cluster layout fingerprint, so a node started with a
+//! different member list or shard count is refused instead of mixing logs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Header carrying the layout fingerprint on every peer request.
+pub const LAYOUT_HEADER: &str = "x-starcite-layout";
+/// Content type of postcard bodies.
+pub const CONTENT_TYPE: &str = "application/x-starcite-postcard";
+
+/// Largest body a peer call may carry: a full batch of Raft entries or a
+/// snapshot chunk, with room to spare.
+pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
+
+/// Why a peer call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The request never reached the peer (no address, refused connection,
+    /// failed connect), so it certainly had no effect there.
+    #[error("node {node} is unreachable: {reason}")]
+    Unreachable { node: u64, reason: String },
+    /// The request may have reached the peer, but no answer came back in time
+    /// or the connection broke: whether it had an effect is unknown.
+    #[error("no answer from node {node}: {reason}")]
+    NoAnswer { node: u64, reason: String },
+    /// The peer answered with an error status.
+    #[error("node {node} refused the request ({status}): {message}")]
+    Refused {
+        node: u64,
+        status: u16,
+        message: String,
+    },
+}
+
+/// Pooled HTTP client and the peer addresses as this node sees them.
+#[derive(Clone)]
+pub struct Peers {
+    client: reqwest::Client,
+    addresses: Arc<BTreeMap<u64, String>>,
+    layout: Arc<str>,
+}
+
+impl Peers {
+    /// Creates the client for `addresses` (node id → `host:port`), sending
+    /// `layout` as the fingerprint on every request.
+    pub fn new(addresses: BTreeMap<u64, String>, layout: String) -> anyhow::Result<Peers> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            // Bounds the idle connections kept per peer; replication streams
+            // and forwarded requests open more while busy.
+            .pool_max_idle_per_host(64)
+            .http1_only()
+            .build()?;
+        Ok(Peers {
+            client,
+            addresses: Arc::new(addresses),
+            layout: layout.into(),
+        })
+    }
+
+    /// Peer address of `node`.
+    pub fn address(&self, node: u64) -> Option<&str> {
+        self.addresses.get(&node).map(String::as_str)
+    }
+
+    /// The layout fingerprint this node sends and expects.
+    pub fn layout(&self) -> &str {
+        &self.layout
+    }
+
+    /// POSTs `body` to `path` on `node` and decodes the answer.
+    pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        node: u64,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        let bytes = postcard::to_allocvec(body).map_err(|err| CallError::Unreachable {
+            node,
+            reason: format!("encoding the request failed: {err}"),
+        })?;
+        let url = self.url(node, path)?;
+        let request = self
+            .client
+            .post(url)
+            .header(LAYOUT_HEADER, &*self.layout)
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .timeout(timeout)
+            .body(bytes);
+        self.send(node, request).await
+    }
+
+    /// GETs `path` on `node` and decodes the answer.
+    pub async fn get<Resp: DeserializeOwned>(
+        &self,
+        node: u64,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        let url = self.url(node, path)?;
+        let request = self
+            .client
+            .get(url)
+            .header(LAYOUT_HEADER, &*self.layout)
+            .timeout(timeout);
+        self.send(node, request).await
+    }
+
+    fn url(&self, node: u64, path: &str) -> Result<String, CallError> {
+        let addr = self.address(node).ok_or_else(|| CallError::Unreachable {
+            node,
+            reason: "it is not in CLUSTER_NODES".to_string(),
+        })?;
+        Ok(format!("http://{addr}{path}"))
+    }
+
+    async fn send<Resp: DeserializeOwned>(
+        &self,
+        node: u64,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Resp, CallError> {
+        let response = request.send().await.map_err(|err| classify(node, &err))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|err| CallError::NoAnswer {
+            node,
+            reason: format!("reading the answer failed: {err}"),
+        })?;
+        if !status.is_success() {
+            return Err(CallError::Refused {
+                node,
+                status: status.as_u16(),
+                message: String::from_utf8_lossy(&body).chars().take(500).collect(),
+            });
+        }
+        postcard::from_bytes(&body).map_err(|err| CallError::NoAnswer {
+            node,
+            reason: format!("the answer could not be decoded: {err}"),
+        })
+    }
+}
+
+/// Sorts a reqwest failure into "never arrived" and "outcome unknown".
+fn classify(node: u64, err: &reqwest::Error) -> CallError {
+    let reason = error_chain(err);
+    if err.is_connect() {
+        CallError::Unreachable { node, reason }
+    } else {
+        CallError::NoAnswer { node, reason }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
