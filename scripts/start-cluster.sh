@@ -9,6 +9,7 @@
 #   Other STARCITE_* variables are passed on to every node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/cluster-env.sh
 
 nodes="${NODES:-5}"
 dir="${STARCITE_CLUSTER_DIR:-.cluster}"
@@ -18,30 +19,20 @@ if [[ -z "$bin" ]]; then
   bin="target/release/starcite"
 fi
 
-members=""
-for i in $(seq 1 "$nodes"); do
-  members+="${members:+,}node$i=127.0.0.1:$((4099 + i))"
-done
-
 mkdir -p "$dir"
 for i in $(seq 1 "$nodes"); do
-  pid_file="$dir/node$i.pid"
-  if [[ -f "$pid_file" ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
-    echo "node$i is already running (PID $(cat "$pid_file"))"
+  if cluster_node_running "$i" "$dir"; then
+    echo "node$i is already running (PID $(cat "$dir/node$i.pid"))"
     continue
   fi
-  NODE_NAME="node$i" CLUSTER_NODES="$members" PORT=$((3999 + i)) \
-    STARCITE_RAFT_DATA_DIR="$dir/node$i" \
-    "$bin" >>"$dir/node$i.log" 2>&1 &
-  echo $! >"$pid_file"
-  echo "node$i: http://127.0.0.1:$((3999 + i)) (PID $!, log $dir/node$i.log)"
+  cluster_start_node "$i" "$nodes" "$dir" "$bin"
 done
 
 echo "waiting for every node to be ready..."
 for attempt in $(seq 1 120); do
   ready=0
   for i in $(seq 1 "$nodes"); do
-    if curl -fsS "http://127.0.0.1:$((3999 + i))/health/ready" >/dev/null 2>&1; then
+    if cluster_node_ready "$i"; then
       ready=$((ready + 1))
     fi
   done

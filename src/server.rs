@@ -130,7 +130,7 @@ async fn bind_peer_port(settings: &Settings, topology: &Topology) -> anyhow::Res
              the port comes from this node's entry ({own}) in CLUSTER_NODES"
         )
     })?;
-    info!(addr = %addr, node = %topology.local().name, "peer port listening");
+    info!(peer_addr = %addr, node = %topology.local().name, "peer port bound");
     Ok(listener)
 }
 

@@ -70,6 +70,7 @@ impl Shard {
         if !raft.is_initialized().await? {
             form_group(id, &raft, &context.topology).await?;
         }
+        tokio::spawn(log_leader_changes(id, raft.clone()));
 
         Ok(Shard {
             id,
@@ -106,6 +107,26 @@ impl Shard {
     /// The shard's current leader as this replica knows it.
     pub fn leader(&self) -> Option<u64> {
         self.raft.metrics().borrow().current_leader
+    }
+}
+
+/// Logs every change of the shard's leader as this replica sees it, until
+/// the group stops.
+async fn log_leader_changes(id: u32, raft: Raft) {
+    let mut metrics = raft.metrics();
+    let mut known = None;
+    loop {
+        let (leader, term) = {
+            let current = metrics.borrow_and_update();
+            (current.current_leader, current.current_term)
+        };
+        if leader != known {
+            info!(shard = id, leader = ?leader, term, "shard leader changed");
+            known = leader;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use openraft::{ErrorSubject, ErrorVerb, StorageError};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode, io_error};
+use super::AppliedEvent;
 use crate::storage::{keys, Store};
 
 /// Version of the image layout; an image of another version is refused.
@@ -40,6 +41,23 @@ struct SessionImage {
 }
 
 impl ShardImage {
+    /// The newest event of every session in the image. Published after an
+    /// install, they make open tails on this node notice that the store
+    /// moved ahead and read the events they missed from it.
+    pub fn newest_events(&self) -> Vec<AppliedEvent> {
+        self.sessions
+            .iter()
+            .filter_map(|session| {
+                let (seq, frame) = session.events.last()?;
+                Some(AppliedEvent {
+                    session_id: session.id.clone(),
+                    seq: *seq,
+                    frame: String::from_utf8_lossy(frame).into_owned(),
+                })
+            })
+            .collect()
+    }
+
     /// Number of sessions and events in the image, for logs.
     pub fn size(&self) -> (usize, usize) {
         let events = self.sessions.iter().map(|s| s.events.len()).sum();

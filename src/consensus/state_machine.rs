@@ -365,6 +365,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|err| io_error(subject(), ErrorVerb::Write, err))?
             .map_err(|err| io_error(subject(), ErrorVerb::Write, err))?;
         info!(shard = self.shard, snapshot = %meta.snapshot_id, "snapshot installed");
+
+        let newest = image.newest_events();
+        if !newest.is_empty() {
+            self.sink.publish(newest);
+        }
         Ok(())
     }
 

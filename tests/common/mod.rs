@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
@@ -121,6 +123,11 @@ impl Server {
     /// Returns the keep-alive HTTP client that the helpers use for this server.
     pub fn client(&self) -> &reqwest::Client {
         &self.client
+    }
+
+    /// Whether the process is running (not killed or stopped by the test).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Process id of the running child.
