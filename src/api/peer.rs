@@ -153,12 +153,13 @@ async fn write(
     Path(shard): Path<u32>,
     body: Bytes,
 ) -> Result<Response, Rejected> {
-    let route = route(&state, shard)?;
-    let command: Arc<Command> = decode(&body)?;
+    route(&state, shard)?;
+    // The sender encodes an `Arc<Command>`, which serde writes as the command.
+    let command: Command = decode(&body)?;
     let answer = if state.shutdown_token().is_cancelled() {
         Err(Refusal::NotLeader { leader: None })
     } else {
-        route.write_here(command).await
+        state.router().write_local(shard, command).await
     };
     Ok(postcard(&answer))
 }

@@ -39,7 +39,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
     about = "Load generator for a running Starcite server (HTTP appends, WebSocket tails)"
 )]
 struct Cli {
-    /// Base URL of the server under test (plain http only).
+    /// Base URL of the server under test (plain http only). For a cluster,
+    /// a comma-separated list: writer `i` appends through URL `i % n`, and
+    /// everything else uses the first.
     #[arg(
         long,
         env = "STARCITE_BENCH_URL",
@@ -304,6 +306,8 @@ fn unix_secs() -> u64 {
 /// URLs and per-writer clients the load generators use.
 struct Api {
     base: String,
+    /// Every base URL given; writers are spread over them.
+    append_bases: Vec<String>,
     request_timeout: Duration,
     control: reqwest::Client,
 }
@@ -315,16 +319,24 @@ struct SessionHeader {
 }
 
 impl Api {
-    fn new(url: &str, request_timeout: Duration) -> Result<Self> {
-        let base = url.trim_end_matches('/').to_owned();
-        let parsed = Url::parse(&base).with_context(|| format!("invalid --url `{url}`"))?;
-        if parsed.scheme() != "http" {
-            bail!("invalid --url `{url}`: only http:// is supported");
+    fn new(urls: &str, request_timeout: Duration) -> Result<Self> {
+        let mut bases = Vec::new();
+        for url in urls.split(',').map(str::trim).filter(|url| !url.is_empty()) {
+            let base = url.trim_end_matches('/').to_owned();
+            let parsed = Url::parse(&base).with_context(|| format!("invalid --url `{url}`"))?;
+            if parsed.scheme() != "http" {
+                bail!("invalid --url `{url}`: only http:// is supported");
+            }
+            bases.push(base);
         }
+        let Some(base) = bases.first().cloned() else {
+            bail!("--url is empty; give at least one http:// URL");
+        };
 
         let control = Self::build_client(request_timeout, 4)?;
         Ok(Self {
             base,
+            append_bases: bases,
             request_timeout,
             control,
         })
@@ -388,8 +400,10 @@ impl Api {
         Ok(header.last_seq)
     }
 
-    fn append_url(&self, session_id: &str) -> Result<Url> {
-        let url = format!("{}/v1/sessions/{session_id}/append", self.base);
+    /// Append URL for writer `writer`, on the writer's server.
+    fn append_url(&self, session_id: &str, writer: usize) -> Result<Url> {
+        let base = &self.append_bases[writer % self.append_bases.len()];
+        let url = format!("{base}/v1/sessions/{session_id}/append");
         Url::parse(&url).with_context(|| format!("invalid append URL `{url}`"))
     }
 
@@ -725,7 +739,7 @@ fn plan_writers(api: &Api, spec: &LoadSpec<'_>) -> Result<Vec<WriterPlan>> {
 
         plans.push(WriterPlan {
             client: api.writer_client()?,
-            url: api.append_url(session_id)?,
+            url: api.append_url(session_id, index as usize)?,
             body: spec.body.clone(),
             schedule,
             deadline: spec.deadline,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{error, info};
 
-use super::route::ShardRoute;
+use super::route::{Refusal, ShardRoute};
 use super::WriteError;
 use crate::consensus::{Command, Outcome};
 
@@ -27,9 +27,19 @@ const MAX_BATCH: usize = 1024;
 /// Requests queued per shard before callers wait for room.
 const QUEUE: usize = 8192;
 
+/// Where a request may be carried out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// On the shard leader, wherever it is.
+    Routed,
+    /// Only here, and only while this node leads: a peer forwarded it.
+    LocalOnly,
+}
+
 struct Request {
     command: Command,
-    reply: oneshot::Sender<Result<Outcome, WriteError>>,
+    delivery: Delivery,
+    reply: oneshot::Sender<Result<Outcome, Refusal>>,
 }
 
 /// Sends commands to one shard's leader, batching them under load.
@@ -46,17 +56,39 @@ impl Batcher {
         Batcher { sender }
     }
 
-    /// Submits `command` and waits for its outcome.
+    /// Submits `command` and waits for its outcome from the shard leader.
     pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
+        self.submit(command, Delivery::Routed)
+            .await
+            .map_err(|refusal| match refusal {
+                Refusal::Unavailable(reason) => WriteError::Unavailable(reason),
+                Refusal::NotLeader { .. } => {
+                    WriteError::Unavailable("the shard has no leader; retry shortly".to_string())
+                }
+            })
+    }
+
+    /// Submits a command a peer forwarded: carried out with this node's own
+    /// requests while it leads the shard, refused otherwise, so that the
+    /// peer looks for the leader itself and no command travels in a circle.
+    pub async fn write_local(&self, command: Command) -> Result<Outcome, Refusal> {
+        self.submit(command, Delivery::LocalOnly).await
+    }
+
+    async fn submit(&self, command: Command, delivery: Delivery) -> Result<Outcome, Refusal> {
         let (reply, outcome) = oneshot::channel();
-        let request = Request { command, reply };
+        let request = Request {
+            command,
+            delivery,
+            reply,
+        };
         if self.sender.send(request).await.is_err() {
-            return Err(WriteError::Unavailable(
+            return Err(Refusal::Unavailable(
                 "the shard is shutting down".to_string(),
             ));
         }
         outcome.await.unwrap_or_else(|_| {
-            Err(WriteError::Unavailable(
+            Err(Refusal::Unavailable(
                 "the shard stopped before responding".to_string(),
             ))
         })
@@ -88,42 +120,84 @@ async fn run(route: Arc<ShardRoute>, mut receiver: mpsc::Receiver<Request>) {
     info!(shard = route.shard(), "batcher stopped");
 }
 
-async fn submit(route: &ShardRoute, mut batch: Vec<Request>) {
-    if batch.len() == 1 {
-        let request = batch.remove(0);
-        let outcome = route.write(request.command).await;
-        let _ = request.reply.send(outcome);
+/// Carries out one batch: in one Raft entry here while this node leads;
+/// otherwise the routed requests go to the leader as one command and the
+/// forwarded ones are refused.
+///
+/// Leadership can move between the check and the write. openraft then
+/// refuses the entry without writing it, and every request of the batch
+/// gets that refusal (a routed one answers 503, safe to retry).
+async fn submit(route: &ShardRoute, batch: Vec<Request>) {
+    if route.leads() {
+        let (command, replies) = combine(batch);
+        let outcome = route.write_here(Arc::new(command)).await;
+        distribute(route.shard(), replies, outcome);
         return;
     }
 
-    let (commands, replies): (Vec<Command>, Vec<_>) = batch
+    let (local, routed): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|request| request.delivery == Delivery::LocalOnly);
+    for request in local {
+        let _ = request.reply.send(Err(Refusal::NotLeader {
+            leader: route.leader(),
+        }));
+    }
+    if routed.is_empty() {
+        return;
+    }
+    let (command, replies) = combine(routed);
+    let outcome = route
+        .write(command)
+        .await
+        .map_err(|WriteError::Unavailable(reason)| Refusal::Unavailable(reason));
+    distribute(route.shard(), replies, outcome);
+}
+
+type Reply = oneshot::Sender<Result<Outcome, Refusal>>;
+
+/// Merges requests into one command: a lone command as it is, several as a
+/// [`Command::Batch`] in order. Returns the replies in the same order.
+fn combine(mut batch: Vec<Request>) -> (Command, Vec<Reply>) {
+    if batch.len() == 1 {
+        let request = batch.remove(0);
+        return (request.command, vec![request.reply]);
+    }
+    let (commands, replies) = batch
         .into_iter()
         .map(|request| (request.command, request.reply))
         .unzip();
-    let count = commands.len();
-    match route.write(Command::Batch(commands)).await {
-        Ok(Outcome::Batch(outcomes)) if outcomes.len() == count => {
+    (Command::Batch(commands), replies)
+}
+
+/// Hands each request its part of the combined command's outcome.
+fn distribute(shard: u32, mut replies: Vec<Reply>, outcome: Result<Outcome, Refusal>) {
+    // A caller that gave up waiting has dropped its receiver, hence `let _`.
+    match outcome {
+        Ok(outcome) if replies.len() == 1 => {
+            let _ = replies.remove(0).send(Ok(outcome));
+        }
+        Ok(Outcome::Batch(outcomes)) if outcomes.len() == replies.len() => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                // A caller that gave up waiting has dropped its receiver.
                 let _ = reply.send(Ok(outcome));
             }
         }
         Ok(other) => {
             error!(
-                shard = route.shard(),
-                count,
+                shard,
+                count = replies.len(),
                 ?other,
                 "batch returned a mismatched outcome"
             );
             for reply in replies {
-                let _ = reply.send(Err(WriteError::Unavailable(
+                let _ = reply.send(Err(Refusal::Unavailable(
                     "the shard returned an unexpected result".to_string(),
                 )));
             }
         }
-        Err(err) => {
+        Err(refusal) => {
             for reply in replies {
-                let _ = reply.send(Err(err.clone()));
+                let _ = reply.send(Err(refusal.clone()));
             }
         }
     }

@@ -108,6 +108,11 @@ impl ShardRoute {
         }
     }
 
+    /// Whether this node currently leads the shard.
+    pub fn leads(&self) -> bool {
+        self.local.is_some() && self.leader() == Some(self.local_id)
+    }
+
     fn learn(&self, leader: Option<u64>) {
         self.hint.store(leader.unwrap_or(0), Ordering::Relaxed);
     }

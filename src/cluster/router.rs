@@ -5,7 +5,7 @@ use openraft::SnapshotPolicy;
 use tracing::{error, info};
 
 use super::batcher::Batcher;
-use super::route::ShardRoute;
+use super::route::{Refusal, ShardRoute};
 use super::shard::{Shard, ShardContext};
 use super::topology::Topology;
 use crate::consensus::transport::Peers;
@@ -117,6 +117,17 @@ impl Router {
         self.batchers[self.shard_of(session_id) as usize]
             .write(command)
             .await
+    }
+
+    /// Carries out a command forwarded by a peer, batched with this node's
+    /// own requests, if this node leads shard `shard`; see [`Batcher::write_local`].
+    pub async fn write_local(&self, shard: u32, command: Command) -> Result<Outcome, Refusal> {
+        match self.batchers.get(shard as usize) {
+            Some(batcher) => batcher.write_local(command).await,
+            None => Err(Refusal::Unavailable(format!(
+                "shard {shard} does not exist"
+            ))),
+        }
     }
 
     /// Reads a session header as the shard leader sees it.
