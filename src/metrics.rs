@@ -18,6 +18,7 @@ pub const TAIL_CATCH_UPS: &str = "starcite_tail_replays_total";
 pub const SHARDS_WITHOUT_LEADER: &str = "starcite_raft_shards_without_leader";
 pub const APPLIED_INDEX: &str = "starcite_raft_applied_index";
 pub const LEADER_NODE: &str = "starcite_raft_leader_node";
+pub const FORWARDED: &str = "starcite_cluster_forwarded_total";
 
 /// Interval of the recorder's upkeep, which drains recorded histogram samples
 /// into their buckets.
@@ -100,6 +101,12 @@ fn describe() {
         APPLIED_INDEX,
         "Last Raft log index applied by each shard's state machine."
     );
+    describe_counter!(
+        FORWARDED,
+        "Requests forwarded to a shard leader on another node, by kind (write, read) and result: \
+         answered (the peer replied, possibly naming another leader), not_delivered (not carried \
+         out, so retried), no_answer (outcome unknown, so the client got 503)."
+    );
     describe_gauge!(
         LEADER_NODE,
         "Node id of each hosted shard's current leader; 0 while it has none."
@@ -168,6 +175,10 @@ pub fn record_raft_health(shards: &[ShardHealth]) {
         gauge!(APPLIED_INDEX, "shard" => label.clone()).set(shard.applied_index as f64);
         gauge!(LEADER_NODE, "shard" => label).set(shard.leader.unwrap_or(0) as f64);
     }
+}
+
+pub fn record_forward(kind: &'static str, result: &'static str) {
+    counter!(FORWARDED, "kind" => kind, "result" => result).increment(1);
 }
 
 pub fn tail_opened() {

@@ -344,16 +344,21 @@ impl ShardRoute {
         &self,
         node: u64,
         answer: Result<PeerAnswer<T>, CallError>,
-        what: &str,
+        what: &'static str,
     ) -> Result<Result<T, Refusal>, WriteError> {
         match answer {
-            Ok(answer) => Ok(answer),
+            Ok(answer) => {
+                crate::metrics::record_forward(what, "answered");
+                Ok(answer)
+            }
             Err(err @ (CallError::Unreachable { .. } | CallError::Refused { .. })) => {
                 // Nothing was carried out there: look for the leader again.
+                crate::metrics::record_forward(what, "not_delivered");
                 debug!(shard = self.shard, node, error = %err, "forwarded {what} not accepted; retrying");
                 Ok(Err(Refusal::NotLeader { leader: None }))
             }
             Err(err @ CallError::NoAnswer { .. }) => {
+                crate::metrics::record_forward(what, "no_answer");
                 warn!(shard = self.shard, node, error = %err, "forwarded {what} got no answer");
                 Err(WriteError::Unavailable(format!(
                     "the leader of shard {} did not answer ({err}); the outcome is unknown, \

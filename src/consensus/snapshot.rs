@@ -203,3 +203,135 @@ pub fn replace(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StoreSettings;
+
+    const SHARDS: u32 = 4;
+
+    fn open(dir: &std::path::Path) -> Store {
+        let tuning = StoreSettings {
+            cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+        };
+        Store::open(dir, SHARDS, &tuning).expect("opening a test store failed")
+    }
+
+    /// Session ids that land on shard 0 and on another shard.
+    fn ids() -> (Vec<String>, String) {
+        let mut on_zero = Vec::new();
+        let mut elsewhere = None;
+        for n in 0.. {
+            let id = format!("ses_{n}");
+            if keys::shard_of(&id, SHARDS) == 0 {
+                on_zero.push(id);
+            } else if elsewhere.is_none() {
+                elsewhere = Some(id);
+            }
+            if on_zero.len() == 3 && elsewhere.is_some() {
+                break;
+            }
+        }
+        (on_zero, elsewhere.expect("some id is on another shard"))
+    }
+
+    fn put_session(store: &Store, id: &str, events: u64, key: &str) {
+        store
+            .sessions
+            .insert(keys::session(id), format!("header {id}"))
+            .unwrap();
+        for seq in 1..=events {
+            store
+                .events
+                .insert(keys::event(id, seq), format!("{id} event {seq}"))
+                .unwrap();
+        }
+        store
+            .idempotency
+            .insert(keys::idempotency(id, key), format!("{id} {key}"))
+            .unwrap();
+    }
+
+    fn contents(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut all = Vec::new();
+        for partition in [&store.sessions, &store.events, &store.idempotency] {
+            for item in partition.iter() {
+                let (key, value) = item.unwrap();
+                all.push((key.to_vec(), value.to_vec()));
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn install_replaces_the_shard_and_keeps_other_shards() {
+        let (on_zero, elsewhere) = ids();
+        let leader_dir = tempfile::tempdir().unwrap();
+        let leader = open(leader_dir.path());
+        put_session(&leader, &on_zero[0], 5, "a");
+        put_session(&leader, &on_zero[1], 2, "b");
+
+        // The follower has an older copy of one session, a session the
+        // leader no longer has on this shard, and a session of another shard.
+        let follower_dir = tempfile::tempdir().unwrap();
+        let follower = open(follower_dir.path());
+        put_session(&follower, &on_zero[0], 3, "a");
+        put_session(&follower, &on_zero[2], 4, "stale");
+        put_session(&follower, &elsewhere, 2, "kept");
+
+        let image = from_bytes(&to_bytes(&build(&leader, 0, SHARDS).unwrap())).unwrap();
+        assert_eq!(
+            image.size(),
+            (2, 7),
+            "image of shard 0: sessions and events"
+        );
+
+        let mut batch = follower.keyspace.batch();
+        replace(&follower, 0, SHARDS, &image, &mut batch).unwrap();
+        batch.commit().unwrap();
+
+        let expected_dir = tempfile::tempdir().unwrap();
+        let expected = open(expected_dir.path());
+        put_session(&expected, &on_zero[0], 5, "a");
+        put_session(&expected, &on_zero[1], 2, "b");
+        put_session(&expected, &elsewhere, 2, "kept");
+        assert_eq!(
+            contents(&follower),
+            contents(&expected),
+            "after the install the follower must equal the leader on shard 0 and keep shard {}",
+            keys::shard_of(&elsewhere, SHARDS)
+        );
+    }
+
+    #[test]
+    fn newest_events_name_the_last_seq_of_each_session() {
+        let (on_zero, _) = ids();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        put_session(&store, &on_zero[0], 5, "a");
+        put_session(&store, &on_zero[1], 2, "b");
+
+        let image = build(&store, 0, SHARDS).unwrap();
+        let mut newest: Vec<(String, u64)> = image
+            .newest_events()
+            .into_iter()
+            .map(|event| (event.session_id, event.seq))
+            .collect();
+        newest.sort();
+        let mut expected = vec![(on_zero[0].clone(), 5), (on_zero[1].clone(), 2)];
+        expected.sort();
+        assert_eq!(newest, expected);
+    }
+
+    #[test]
+    fn image_of_another_format_is_rejected() {
+        let image = ShardImage {
+            format: FORMAT + 1,
+            sessions: Vec::new(),
+        };
+        let err = from_bytes(&to_bytes(&image)).unwrap_err();
+        assert!(err.to_string().contains("same version"), "{err}");
+    }
+}

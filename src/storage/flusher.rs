@@ -268,3 +268,21 @@ fn flush(store: &Store, batch: Vec<Waiter>, progress: &mut Progress) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_claims_no_more_than_is_committed() {
+        let committed = Committed::default();
+        committed.raise(0, 7);
+        committed.raise(0, 5);
+        let durable = Watermark::from([(0, 10), (1, 4)]);
+        assert_eq!(
+            committed.cap(&durable),
+            Watermark::from([(0, 7), (1, 0)]),
+            "shard 0 is capped at its highest commit, shard 1 has none"
+        );
+    }
+}
