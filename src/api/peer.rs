@@ -25,6 +25,8 @@ use crate::consensus::transport::{CONTENT_TYPE, LAYOUT_HEADER, MAX_BODY_BYTES};
 use crate::consensus::{Command, Raft, TypeConfig};
 
 /// Builds the peer port's routes.
+// TODO: authenticate peers (mutual TLS or a shared secret); until then the
+// peer port must be reachable only by the other nodes.
 pub fn router(state: AppState, layout: Arc<str>) -> axum::Router {
     axum::Router::new()
         .route("/_cluster/v1/shards/{shard}/raft/append", post(append))

@@ -175,6 +175,8 @@ impl Router {
     }
 
     /// Stops every hosted Raft group, waiting for in-flight log writes.
+    // TODO: hand leadership of the shards this node leads to another replica
+    // first; openraft 0.9 has no leadership transfer, so each costs an election.
     pub async fn shutdown(&self) {
         for shard in self.hosted() {
             if let Err(err) = shard.raft.shutdown().await {

@@ -149,6 +149,9 @@ async fn form_group(id: u32, raft: &Raft, topology: &Topology) -> anyhow::Result
         })
         .collect();
 
+    // TODO: a node restarted on an empty data directory also lands here and
+    // forms or joins its groups with its Raft votes forgotten; it should ask
+    // its peers first and refuse to start if the group already exists.
     let preferred = replicas.first() == Some(&topology.local_id());
     if preferred {
         raft.initialize(members).await?;

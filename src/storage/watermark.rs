@@ -8,7 +8,9 @@
 //! logs with this file turns that silent loss into a refusal to start.
 //!
 //! The file lags one fsync group behind the journal, so losing only the
-//! newest group (the torn tail of a crash) is accepted. It is also written
+//! newest group (the torn tail of a crash) is accepted. It never claims more
+//! than each shard's committed index either: in a cluster, Raft may replace
+//! a follower's durable but uncommitted entries, never committed ones. It is also written
 //! at most every [`WRITE_INTERVAL`], by its own thread so that its fsyncs
 //! never delay a group commit, so damage to the newest entries within that
 //! window goes undetected.
