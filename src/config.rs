@@ -34,10 +34,14 @@ pub struct Settings {
     #[arg(long, env = "CLUSTER_NODES")]
     pub cluster_nodes: Option<String>,
 
-    /// Nodes that hold a replica of each shard (all nodes when fewer). An
-    /// append is acknowledged once a majority of them has it on disk.
+    /// Nodes that hold a replica of each shard (all nodes when fewer), 1 to
+    /// 3. An append is acknowledged once a majority of them has it on disk.
+    // TODO: five or more replicas need a request id that the state machine
+    // deduplicates: with them, an entry the leader dropped after an election
+    // can still be committed from another replica, so retrying a write that
+    // openraft reported as not written could apply it twice.
     #[arg(long, env = "STARCITE_REPLICATION_FACTOR", default_value_t = 3,
-          value_parser = clap::value_parser!(u32).range(1..=7))]
+          value_parser = clap::value_parser!(u32).range(1..=3))]
     pub replication_factor: u32,
 
     /// Number of shards (Raft groups). Fixed when the data directory is created.

@@ -65,6 +65,7 @@ async fn relay(socket: WebSocket, state: AppState, session_id: String, cursor: u
         session_id: &session_id,
         last_sent: cursor,
         last_inbound: Instant::now(),
+        last_upstream: Instant::now(),
     };
 
     let ending = relay.run(&mut sink, &mut client).await;
@@ -88,7 +89,12 @@ struct Relay<'a> {
     state: &'a AppState,
     session_id: &'a str,
     last_sent: u64,
+    /// When the client last sent anything (pongs included).
     last_inbound: Instant,
+    /// When the replica last sent anything. Replicas ping every tail ping
+    /// interval, so a long silence means the connection is dead even if the
+    /// OS has not noticed (a partition drops packets without a reset).
+    last_upstream: Instant,
 }
 
 /// The only field a relay reads from a frame.
@@ -172,6 +178,7 @@ impl Relay<'_> {
         mut upstream: UpstreamSocket,
     ) -> Ending {
         let settings = self.state.settings();
+        self.last_upstream = Instant::now();
         let mut ping = tokio::time::interval_at(
             Instant::now() + settings.tail_ping_interval,
             settings.tail_ping_interval,
@@ -192,6 +199,9 @@ impl Relay<'_> {
                     if self.last_inbound.elapsed() > settings.tail_ping_interval * 2 {
                         return Ending::Close(GOING_AWAY, "no pong received".to_string());
                     }
+                    if self.last_upstream.elapsed() > settings.tail_ping_interval * 3 {
+                        return Ending::Lost("the replica sent nothing for three ping intervals".to_string());
+                    }
                     if let Err(reason) = send(sink, vec![Message::Ping(Default::default())], settings.tail_send_timeout).await {
                         return Ending::Dropped(reason);
                     }
@@ -211,6 +221,9 @@ impl Relay<'_> {
         sink: &mut SplitSink<WebSocket, Message>,
         frame: Option<Result<Upstream, tokio_tungstenite::tungstenite::Error>>,
     ) -> Option<Ending> {
+        if matches!(frame, Some(Ok(_))) {
+            self.last_upstream = Instant::now();
+        }
         let text = match frame {
             Some(Ok(Upstream::Text(text))) => text,
             Some(Ok(Upstream::Close(Some(close)))) if u16::from(close.code) == INTERNAL_ERROR => {

@@ -24,6 +24,10 @@ use crate::consensus::{Command, Outcome};
 const MAX_IN_FLIGHT: usize = 1;
 /// Commands in one batch at most.
 const MAX_BATCH: usize = 1024;
+/// Approximate bytes of commands in one batch, after which it closes: keeps
+/// each Raft entry small enough to replicate within openraft's per-message
+/// deadline (a single larger request still goes alone).
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Requests queued per shard before callers wait for room.
 const QUEUE: usize = 8192;
 
@@ -89,7 +93,7 @@ impl Batcher {
         }
         outcome.await.unwrap_or_else(|_| {
             Err(Refusal::Unavailable(
-                "the shard stopped before responding".to_string(),
+                "the shard stopped before responding; the outcome is unknown, so retry with the same idempotency_key".to_string(),
             ))
         })
     }
@@ -98,16 +102,23 @@ impl Batcher {
 async fn run(route: Arc<ShardRoute>, mut receiver: mpsc::Receiver<Request>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = receiver.recv().await {
+        let Some(first) = refuse_if_not_leading(&route, first) else {
+            continue;
+        };
         // Waiting for a slot is what lets later requests pile up into a batch.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
 
+        let mut bytes = first.command.approx_size();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            let Ok(request) = receiver.try_recv() else {
+                break;
+            };
+            if let Some(request) = refuse_if_not_leading(&route, request) {
+                bytes += request.command.approx_size();
+                batch.push(request);
             }
         }
 
@@ -120,20 +131,30 @@ async fn run(route: Arc<ShardRoute>, mut receiver: mpsc::Receiver<Request>) {
     info!(shard = route.shard(), "batcher stopped");
 }
 
+/// Refuses a forwarded request at once when this node does not lead, so it
+/// does not wait behind this node's own forwarded batch; returns the others.
+fn refuse_if_not_leading(route: &ShardRoute, request: Request) -> Option<Request> {
+    if request.delivery == Delivery::LocalOnly && !route.leads() {
+        let _ = request.reply.send(Err(Refusal::NotLeader {
+            leader: route.leader(),
+        }));
+        return None;
+    }
+    Some(request)
+}
+
 /// Carries out one batch: in one Raft entry here while this node leads;
 /// otherwise the routed requests go to the leader as one command and the
 /// forwarded ones are refused.
-///
-/// Leadership can move between the check and the write. openraft then
-/// refuses the entry without writing it, and every request of the batch
-/// gets that refusal (a routed one answers 503, safe to retry).
 async fn submit(route: &ShardRoute, batch: Vec<Request>) {
-    if route.leads() {
-        let (command, replies) = combine(batch);
-        let outcome = route.write_here(Arc::new(command)).await;
-        distribute(route.shard(), replies, outcome);
-        return;
-    }
+    let batch = if route.leads() {
+        match write_here(route, batch).await {
+            Some(moved) => moved,
+            None => return,
+        }
+    } else {
+        batch
+    };
 
     let (local, routed): (Vec<_>, Vec<_>) = batch
         .into_iter()
@@ -148,10 +169,46 @@ async fn submit(route: &ShardRoute, batch: Vec<Request>) {
     }
     let (command, replies) = combine(routed);
     let outcome = route
-        .write(command)
+        .write(Arc::new(command))
         .await
         .map_err(|WriteError::Unavailable(reason)| Refusal::Unavailable(reason));
     distribute(route.shard(), replies, outcome);
+}
+
+/// Writes the batch as one entry through the local Raft group. Returns the
+/// requests again when leadership moved between the check and the write:
+/// openraft then refused the entry without keeping it, so they may be
+/// routed to the new leader.
+async fn write_here(route: &ShardRoute, batch: Vec<Request>) -> Option<Vec<Request>> {
+    let deliveries: Vec<Delivery> = batch.iter().map(|request| request.delivery).collect();
+    let (command, replies) = combine(batch);
+    let command = Arc::new(command);
+    match route.write_here(command.clone()).await {
+        Err(Refusal::NotLeader { .. }) => Some(split(command, deliveries, replies)),
+        outcome => {
+            distribute(route.shard(), replies, outcome);
+            None
+        }
+    }
+}
+
+/// Takes a combined command apart again into its requests.
+fn split(command: Arc<Command>, deliveries: Vec<Delivery>, replies: Vec<Reply>) -> Vec<Request> {
+    let command = Arc::try_unwrap(command).unwrap_or_else(|shared| (*shared).clone());
+    let commands = match command {
+        Command::Batch(commands) if replies.len() > 1 => commands,
+        single => vec![single],
+    };
+    commands
+        .into_iter()
+        .zip(deliveries)
+        .zip(replies)
+        .map(|((command, delivery), reply)| Request {
+            command,
+            delivery,
+            reply,
+        })
+        .collect()
 }
 
 type Reply = oneshot::Sender<Result<Outcome, Refusal>>;

@@ -32,6 +32,10 @@ const ROUTE_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a write may wait for commit, here or on the leader it was
 /// forwarded to, before its outcome is reported as unknown.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a node waits for a peer's answer to a forwarded request: the
+/// leader's own commit timeout plus a margin, so that the leader's clearer
+/// timeout message arrives first.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
 /// Pause between two attempts to find a leader.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -46,6 +50,27 @@ pub enum Refusal {
 
 /// Answer of a peer to a forwarded request.
 pub type PeerAnswer<T> = Result<T, Refusal>;
+
+/// Result of one attempt to reach the leader.
+enum Attempt<T> {
+    Done(T),
+    /// Certainly not carried out: try again, at `leader` if one was named.
+    Retry {
+        leader: Option<u64>,
+    },
+    /// Final: not carried out, or with an unknown outcome.
+    Fail(WriteError),
+}
+
+impl<T> From<PeerAnswer<T>> for Attempt<T> {
+    fn from(answer: PeerAnswer<T>) -> Attempt<T> {
+        match answer {
+            Ok(value) => Attempt::Done(value),
+            Err(Refusal::NotLeader { leader }) => Attempt::Retry { leader },
+            Err(Refusal::Unavailable(reason)) => Attempt::Fail(WriteError::Unavailable(reason)),
+        }
+    }
+}
 
 /// Peer path of forwarded writes to shard `shard`.
 pub fn write_path(shard: u32) -> String {
@@ -69,6 +94,9 @@ pub struct ShardRoute {
     store: Store,
     /// Last leader heard of, for shards this node does not host; 0 if none.
     hint: AtomicU64,
+    /// A leader a peer named in its refusal, tried once by the next
+    /// attempt even on a replica whose own view lags; 0 if none.
+    named: AtomicU64,
 }
 
 impl ShardRoute {
@@ -85,6 +113,7 @@ impl ShardRoute {
             local_id,
             local,
             hint: AtomicU64::new(replicas.first().copied().unwrap_or(0)),
+            named: AtomicU64::new(0),
             replicas,
             peers,
             store,
@@ -131,22 +160,20 @@ impl ShardRoute {
     }
 
     /// Carries out `command` on the shard leader and returns its outcome.
-    pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
-        let command = Arc::new(command);
+    pub async fn write(&self, command: Arc<Command>) -> Result<Outcome, WriteError> {
         let deadline = Instant::now() + ROUTE_DEADLINE;
         loop {
-            let target = self.target().await;
-            let attempt = match target {
-                Some(node) if node == self.local_id => self.write_here(command.clone()).await,
-                Some(node) => self.forward_write(node, &command).await?,
-                None => Err(Refusal::NotLeader { leader: None }),
+            let attempt = match self.target() {
+                Some(node) if node == self.local_id => {
+                    Attempt::from(self.write_here(command.clone()).await)
+                }
+                Some(node) => self.forward_write(node, &command).await,
+                None => Attempt::Retry { leader: None },
             };
             match attempt {
-                Ok(outcome) => return Ok(outcome),
-                Err(Refusal::Unavailable(reason)) => return Err(WriteError::Unavailable(reason)),
-                Err(Refusal::NotLeader { leader }) => {
-                    self.after_refusal(leader, deadline).await?;
-                }
+                Attempt::Done(outcome) => return Ok(outcome),
+                Attempt::Fail(err) => return Err(err),
+                Attempt::Retry { leader } => self.after_refusal(leader, deadline).await?,
             }
         }
     }
@@ -160,23 +187,28 @@ impl ShardRoute {
         }
         let deadline = Instant::now() + ROUTE_DEADLINE;
         loop {
-            let attempt = match self.target().await {
-                Some(node) if node == self.local_id => self.read_header_here(session_id).await,
-                Some(node) => self.forward_read(node, session_id).await?,
-                None => Err(Refusal::NotLeader { leader: None }),
+            let attempt = match self.target() {
+                Some(node) if node == self.local_id => {
+                    Attempt::from(self.read_header_here(session_id).await)
+                }
+                Some(node) => self.forward_read(node, session_id).await,
+                None => Attempt::Retry { leader: None },
             };
             match attempt {
-                Ok(header) => return Ok(header),
-                Err(Refusal::Unavailable(reason)) => return Err(WriteError::Unavailable(reason)),
-                Err(Refusal::NotLeader { leader }) => {
-                    self.after_refusal(leader, deadline).await?;
-                }
+                Attempt::Done(header) => return Ok(header),
+                Attempt::Fail(err) => return Err(err),
+                Attempt::Retry { leader } => self.after_refusal(leader, deadline).await?,
             }
         }
     }
 
-    /// The node to send the next attempt to.
-    async fn target(&self) -> Option<u64> {
+    /// The node to send the next attempt to: a leader a peer just named,
+    /// else openraft's view on a replica, else the hint.
+    fn target(&self) -> Option<u64> {
+        let named = self.named.swap(0, Ordering::Relaxed);
+        if named != 0 {
+            return Some(named);
+        }
         match &self.local {
             Some(shard) => shard.leader(),
             None => Some(self.leader().unwrap_or_else(|| self.next_guess())),
@@ -207,6 +239,12 @@ impl ShardRoute {
             )));
         }
         match (&self.local, leader) {
+            // A leader named by a peer: try it next, after a pause that keeps
+            // two nodes naming each other from spinning.
+            (_, Some(leader)) if leader != self.local_id => {
+                self.named.store(leader, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             // A replica follows openraft's view of the leader, which changes
             // with the election: wait for that view to move.
             (Some(shard), _) => {
@@ -214,10 +252,7 @@ impl ShardRoute {
                 metrics.borrow_and_update();
                 let _ = tokio::time::timeout(RETRY_PAUSE, metrics.changed()).await;
             }
-            // A named leader elsewhere: try it almost at once, with a pause
-            // that keeps two nodes naming each other from spinning.
-            (None, Some(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
-            (None, None) => tokio::time::sleep(RETRY_PAUSE).await,
+            (None, _) => tokio::time::sleep(RETRY_PAUSE).await,
         }
         Ok(())
     }
@@ -233,8 +268,11 @@ impl ShardRoute {
         match written {
             Ok(Ok(response)) => Ok(response.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                // openraft answers this only for entries it did not keep, so
-                // trying again elsewhere cannot apply the command twice.
+                // openraft answers this for entries it never appended, and
+                // for entries a new leader made it drop. With at most three
+                // replicas (the configured maximum) a new leader lacking the
+                // entry means no other replica has it, so it can never be
+                // committed and trying again cannot apply it twice.
                 debug!(shard = self.shard, leader = ?forward.leader_id, "not the leader");
                 Err(Refusal::NotLeader {
                     leader: forward.leader_id,
@@ -250,7 +288,8 @@ impl ShardRoute {
             Ok(Err(RaftError::Fatal(fatal))) => {
                 error!(shard = self.shard, error = %fatal, "shard stopped");
                 Err(Refusal::Unavailable(format!(
-                    "shard {} is stopped: {fatal}",
+                    "shard {} is stopped ({fatal}); the outcome of the write is unknown, \
+                     so retry it with the same idempotency_key",
                     self.shard
                 )))
             }
@@ -314,55 +353,51 @@ impl ShardRoute {
         })
     }
 
-    async fn forward_write(
-        &self,
-        node: u64,
-        command: &Arc<Command>,
-    ) -> Result<Result<Outcome, Refusal>, WriteError> {
+    async fn forward_write(&self, node: u64, command: &Arc<Command>) -> Attempt<Outcome> {
         let peers = self.peers.as_ref().expect("a remote leader implies peers");
-        let answer: Result<PeerAnswer<Outcome>, CallError> = peers
-            .post(node, &write_path(self.shard), command, COMMIT_TIMEOUT)
+        let answer = peers
+            .post(node, &write_path(self.shard), command, FORWARD_TIMEOUT)
             .await;
         self.settle(node, answer, "write")
     }
 
-    async fn forward_read(
-        &self,
-        node: u64,
-        session_id: &str,
-    ) -> Result<Result<Option<SessionHeader>, Refusal>, WriteError> {
+    async fn forward_read(&self, node: u64, session_id: &str) -> Attempt<Option<SessionHeader>> {
         let peers = self.peers.as_ref().expect("a remote leader implies peers");
         let answer = peers
-            .get(node, &header_path(self.shard, session_id), COMMIT_TIMEOUT)
+            .get(node, &header_path(self.shard, session_id), FORWARD_TIMEOUT)
             .await;
         self.settle(node, answer, "read")
     }
 
-    /// Turns a peer's answer into an outcome, a retryable refusal, or a
-    /// final error when the request may have been carried out.
+    /// Turns a peer's answer into an attempt result: done, retryable, or
+    /// final when the request may have been carried out.
     fn settle<T>(
         &self,
         node: u64,
         answer: Result<PeerAnswer<T>, CallError>,
         what: &'static str,
-    ) -> Result<Result<T, Refusal>, WriteError> {
+    ) -> Attempt<T> {
         match answer {
             Ok(answer) => {
                 crate::metrics::record_forward(what, "answered");
-                Ok(answer)
+                Attempt::from(answer)
             }
             Err(err @ (CallError::Unreachable { .. } | CallError::Refused { .. })) => {
                 // Nothing was carried out there: look for the leader again.
                 crate::metrics::record_forward(what, "not_delivered");
-                debug!(shard = self.shard, node, error = %err, "forwarded {what} not accepted; retrying");
-                Ok(Err(Refusal::NotLeader { leader: None }))
+                debug!(shard = self.shard, node, error = %err, "forwarded {what} not delivered; retrying");
+                Attempt::Retry { leader: None }
             }
             Err(err @ CallError::NoAnswer { .. }) => {
                 crate::metrics::record_forward(what, "no_answer");
                 warn!(shard = self.shard, node, error = %err, "forwarded {what} got no answer");
-                Err(WriteError::Unavailable(format!(
-                    "the leader of shard {} did not answer ({err}); the outcome is unknown, \
-                     so retry with the same idempotency_key",
+                let advice = if what == "write" {
+                    "the outcome is unknown, so retry with the same idempotency_key"
+                } else {
+                    "retry shortly"
+                };
+                Attempt::Fail(WriteError::Unavailable(format!(
+                    "the leader of shard {} did not answer ({err}); {advice}",
                     self.shard
                 )))
             }

@@ -19,6 +19,18 @@ pub enum Command {
     Batch(Vec<Command>),
 }
 
+impl Command {
+    /// Rough size in memory and on the wire, in bytes: enough to bound
+    /// caches and batches, not exact.
+    pub fn approx_size(&self) -> usize {
+        match self {
+            Command::Append(append) => append.frame_tail.len() + 128,
+            Command::CreateSession(create) => create.metadata.len() + 128,
+            Command::Batch(commands) => commands.iter().map(Command::approx_size).sum(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateCommand {
     pub id: String,

@@ -18,7 +18,7 @@ use openraft::{
 use tracing::debug;
 
 use super::codec::{decode, encode, io_error};
-use super::{Command, TypeConfig};
+use super::TypeConfig;
 use crate::storage::flusher::Flusher;
 use crate::storage::{keys, Store};
 
@@ -90,18 +90,10 @@ impl EntryCache {
 
 fn entry_size(entry: &Entry<TypeConfig>) -> usize {
     let payload = match &entry.payload {
-        EntryPayload::Normal(command) => command_size(command),
+        EntryPayload::Normal(command) => command.approx_size(),
         _ => 0,
     };
     payload + 128
-}
-
-fn command_size(command: &Command) -> usize {
-    match command {
-        Command::Append(append) => append.frame_tail.len() + 128,
-        Command::CreateSession(create) => create.metadata.len() + 128,
-        Command::Batch(commands) => commands.iter().map(command_size).sum(),
-    }
 }
 
 impl LogStore {

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use openraft::error::PayloadTooLarge;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -15,13 +16,38 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, Entry, EntryPayload};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::debug;
 
 use super::transport::{CallError, Peers};
 use super::TypeConfig;
+
+/// Bytes of entries one append message carries at most (a single larger
+/// entry still goes alone).
+const APPEND_BUDGET: usize = 4 * 1024 * 1024;
+
+/// The number of entries to send instead, when `rpc` is over the budget.
+fn entries_hint(rpc: &AppendEntriesRequest<TypeConfig>) -> Option<u64> {
+    let count = rpc.entries.len();
+    if count <= 1 {
+        return None;
+    }
+    let size: usize = rpc.entries.iter().map(entry_size).sum();
+    if size <= APPEND_BUDGET {
+        return None;
+    }
+    let fitting = (count * APPEND_BUDGET / size).clamp(1, count - 1);
+    Some(fitting as u64)
+}
+
+fn entry_size(entry: &Entry<TypeConfig>) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(command) => command.approx_size(),
+        _ => 128,
+    }
+}
 
 /// Peer paths of the Raft messages of shard `shard`.
 pub fn raft_path(shard: u32, message: &str) -> String {
@@ -64,24 +90,39 @@ impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
 }
 
 impl PeerClient {
-    async fn call<Req, Resp, E>(
+    /// Sends one Raft message and returns the peer's answer, or the
+    /// transport failure as it happened.
+    async fn send<Req, Resp, E>(
         &self,
         message: &str,
         request: &Req,
         timeout: Duration,
-    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    ) -> Result<Result<Resp, RaftError<u64, E>>, CallError>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
         let Some(peers) = &self.peers else {
-            let reason = std::io::Error::other("single-node mode has no peers");
-            return Err(RPCError::Unreachable(Unreachable::new(&reason)));
+            return Err(CallError::Unreachable {
+                node: self.target,
+                reason: "single-node mode has no peers".to_string(),
+            });
         };
         let path = raft_path(self.shard, message);
-        let answer: Result<Result<Resp, RaftError<u64, E>>, CallError> =
-            peers.post(self.target, &path, request, timeout).await;
+        peers.post(self.target, &path, request, timeout).await
+    }
+
+    /// Maps a message's result to openraft's error kinds: a connection that
+    /// was never made is unreachable (openraft backs off), anything else a
+    /// network error.
+    fn settle<Resp, E>(
+        &self,
+        answer: Result<Result<Resp, RaftError<u64, E>>, CallError>,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        E: std::error::Error,
+    {
         match answer {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
@@ -99,7 +140,32 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call("append", &rpc, option.hard_ttl()).await
+        // openraft gives each append the heartbeat interval and retries the
+        // same range after a failure, shrinking it only on PayloadTooLarge.
+        // A follower catching up would otherwise resend a range too large to
+        // transfer and fsync in time, forever.
+        if let Some(hint) = entries_hint(&rpc) {
+            debug!(
+                shard = self.shard,
+                target = self.target,
+                entries = rpc.entries.len(),
+                hint,
+                "append too large; asking openraft for fewer entries"
+            );
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        let entries = rpc.entries.len() as u64;
+        let answer = self.send("append", &rpc, option.hard_ttl()).await;
+        if let Err(CallError::Refused { status: 413, .. }) = &answer {
+            if entries > 1 {
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(entries / 2),
+                ));
+            }
+        }
+        self.settle(answer)
     }
 
     async fn install_snapshot(
@@ -110,7 +176,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        self.call("snapshot", &rpc, option.hard_ttl()).await
+        let answer = self.send("snapshot", &rpc, option.hard_ttl()).await;
+        self.settle(answer)
     }
 
     async fn vote(
@@ -118,6 +185,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call("vote", &rpc, option.hard_ttl()).await
+        let answer = self.send("vote", &rpc, option.hard_ttl()).await;
+        self.settle(answer)
     }
 }

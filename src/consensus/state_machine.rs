@@ -74,17 +74,26 @@ impl StateMachine {
             .map_err(|err| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, err))
     }
 
-    /// The shard's full image at the applied point, with that point as its
-    /// log id. Runs between two applies, so the state does not move under it.
-    fn current_image(&self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+    /// Builds the shard's full image at the applied point, with that point
+    /// as its log id. openraft runs this between two applies of the shard,
+    /// so its state does not move during the scan.
+    async fn current_image(&self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
         let state = self.read_applied()?;
-        let image = snapshot::build(&self.store, self.shard, self.shard_count()?)?;
-        let (sessions, events) = image.size();
+        let (store, shard, shard_count) = (self.store.clone(), self.shard, self.shard_count()?);
+        // The scan runs off the async runtime's threads, which serve requests.
+        let (bytes, sessions, events) = tokio::task::spawn_blocking(move || {
+            let image = snapshot::build(&store, shard, shard_count)?;
+            let (sessions, events) = image.size();
+            Ok::<_, StorageError<u64>>((snapshot::to_bytes(&image), sessions, events))
+        })
+        .await
+        .map_err(|err| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, err))??;
+
         let meta = snapshot_meta(self.shard, &state);
-        info!(shard = self.shard, snapshot = %meta.snapshot_id, sessions, events, "snapshot image built for a peer");
+        info!(shard = self.shard, snapshot = %meta.snapshot_id, sessions, events, bytes = bytes.len(), "snapshot image built for a peer");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(snapshot::to_bytes(&image))),
+            snapshot: Box::new(Cursor::new(bytes)),
         })
     }
 
@@ -383,8 +392,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .get(key)
             .map_err(|err| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, err))?;
         let Some(bytes) = value else { return Ok(None) };
+        // openraft 0.9 calls this once while starting, for the metadata
+        // only, and then only to send the snapshot to a replica that needs
+        // it (`stream_snapshot` in its replication), which needs the data.
         if self.running.load(Ordering::Acquire) {
-            return self.current_image().map(Some);
+            return self.current_image().await.map(Some);
         }
         let meta: SnapshotMeta<u64, BasicNode> = decode(&bytes, "snapshot metadata")?;
         Ok(Some(Snapshot {

@@ -33,8 +33,9 @@ pub enum CallError {
     /// or the connection broke: whether it had an effect is unknown.
     #[error("no answer from node {node}: {reason}")]
     NoAnswer { node: u64, reason: String },
-    /// The peer answered with an error status.
-    #[error("node {node} refused the request ({status}): {message}")]
+    /// The peer rejected the request before acting on it (a malformed or
+    /// misaddressed request, another cluster layout, a body too large).
+    #[error("node {node} rejected the request ({status}): {message}")]
     Refused {
         node: u64,
         status: u16,
@@ -139,10 +140,21 @@ impl Peers {
             reason: format!("reading the answer failed: {err}"),
         })?;
         if !status.is_success() {
+            let message: String = String::from_utf8_lossy(&body).chars().take(500).collect();
+            // Only these statuses come from checks the peer port makes before
+            // it touches a shard. Any other (a 500 after the work, a proxy's
+            // 502 or 504) may follow a request that was carried out.
+            let rejected_before_work = matches!(status.as_u16(), 400 | 404 | 409 | 413);
+            if !rejected_before_work {
+                return Err(CallError::NoAnswer {
+                    node,
+                    reason: format!("HTTP {status}: {message}"),
+                });
+            }
             return Err(CallError::Refused {
                 node,
                 status: status.as_u16(),
-                message: String::from_utf8_lossy(&body).chars().take(500).collect(),
+                message,
             });
         }
         postcard::from_bytes(&body).map_err(|err| CallError::NoAnswer {
