@@ -187,6 +187,30 @@ async fn restarted_node_catches_up_from_a_snapshot() {
     );
 }
 
+/// A follower that missed tens of MiB of large events catches up: the
+/// leader must send them in messages small enough to write in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_catches_up_on_large_events() {
+    let env = [("STARCITE_MAX_BODY_BYTES", "1048576")];
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(3, &env));
+    let id = "ses-large-catch-up";
+    create_ok(cluster.node(1), id).await;
+    let leader = cluster.leader_of(id, SHARDS, Duration::from_secs(10)).await;
+    let down = (1..=3u64).find(|node| *node != leader).expect("a follower");
+    cluster.node_mut(down).kill9();
+
+    let filler = "x".repeat(900 * 1024);
+    let events: Vec<serde_json::Value> = (1..=64)
+        .map(|n| json!({"type": "big", "payload": {"n": n, "filler": filler}, "actor": "agent:a"}))
+        .collect();
+    common::append_all(cluster.node(leader), id, events, 16).await;
+
+    let node = cluster.node_mut(down);
+    tokio::task::block_in_place(|| node.restart());
+    let frames = tail_collect(cluster.node(down), id, 0, 64, TAIL_TIMEOUT).await;
+    assert_gapless(&frames, 1, 64, "tail from the node that caught up");
+}
+
 /// A follower cut off from every peer misses appends, then rejoins: it must
 /// end with exactly the leader's log, and tails through it see every event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
