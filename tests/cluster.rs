@@ -40,7 +40,7 @@ async fn any_node_serves_any_request() {
         );
     }
 
-    // A stale guard is refused whichever node receives it.
+    // A stale guard is rejected whichever node receives it.
     let mut stale = event(99);
     stale["expected_seq"] = json!(1);
     let (status, body) = append(cluster.node(3), id, stale).await;
@@ -94,7 +94,7 @@ async fn any_node_serves_any_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_created_through_one_node_is_readable_at_once_through_another() {
+async fn read_after_write_across_nodes() {
     let cluster = tokio::task::block_in_place(|| Cluster::start(3, &[]));
     for n in 0..20 {
         let id = format!("ses-read-{n}");
@@ -110,10 +110,10 @@ async fn session_created_through_one_node_is_readable_at_once_through_another() 
 }
 
 /// With four nodes and three replicas per shard, every session has a node
-/// without a replica; a tail there is relayed from a replica, and survives
+/// without a replica. A tail there is relayed from a replica and survives
 /// that replica's death.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tail_on_a_node_without_a_replica_is_relayed() {
+async fn tail_on_non_replica_is_relayed() {
     let mut cluster = tokio::task::block_in_place(|| Cluster::start(4, &[]));
     let id = "ses-relay";
     let shard = common::cluster::shard_of(id, SHARDS);
@@ -187,7 +187,7 @@ async fn restarted_node_catches_up_from_a_snapshot() {
     );
 }
 
-/// A follower that missed tens of MiB of large events catches up: the
+/// A follower that missed tens of MiB of large events catches up. The
 /// leader must send them in messages small enough to write in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_catches_up_on_large_events() {
@@ -211,8 +211,9 @@ async fn restarted_node_catches_up_on_large_events() {
     assert_gapless(&frames, 1, 64, "tail from the node that caught up");
 }
 
-/// A follower cut off from every peer misses appends, then rejoins: it must
-/// end with exactly the leader's log, and tails through it see every event.
+/// A follower cut off from every peer misses appends and then rejoins. It
+/// must end with exactly the leader's log, and tails through it must see
+/// every event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitioned_follower_rejoins_without_divergence() {
     let peer_ports = free_ports(3);
@@ -269,7 +270,7 @@ async fn partitioned_follower_rejoins_without_divergence() {
     for frame in &rejoined {
         assert!(
             frame_seq(frame) <= 300,
-            "an event the cluster refused was stored: {frame}"
+            "an event the cluster rejected was stored: {frame}"
         );
     }
 }

@@ -6,7 +6,8 @@ mod common;
 use common::cluster::{free_ports, member_list};
 use common::Server;
 
-fn refusal(data_dir: &std::path::Path, env: &[(&str, &str)]) -> String {
+/// Starts a server that must exit with an error, and returns its output.
+fn expect_start_failure(data_dir: &std::path::Path, env: &[(&str, &str)]) -> String {
     match Server::try_start_with(data_dir, env) {
         Ok(_) => panic!("the server started with {env:?}"),
         Err(failure) => {
@@ -25,7 +26,7 @@ fn refusal(data_dir: &std::path::Path, env: &[(&str, &str)]) -> String {
 fn cluster_nodes_without_node_name_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let members = member_list(&free_ports(3));
-    let logs = refusal(dir.path(), &[("CLUSTER_NODES", &members)]);
+    let logs = expect_start_failure(dir.path(), &[("CLUSTER_NODES", &members)]);
     assert!(
         logs.contains("NODE_NAME"),
         "the error should name NODE_NAME:\n{logs}"
@@ -36,25 +37,31 @@ fn cluster_nodes_without_node_name_is_rejected() {
 fn node_name_missing_from_the_list_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let members = member_list(&free_ports(3));
-    let logs = refusal(
+    let logs = expect_start_failure(
         dir.path(),
         &[("NODE_NAME", "node9"), ("CLUSTER_NODES", &members)],
     );
-    assert!(logs.contains("not in CLUSTER_NODES"), "{logs}");
+    assert!(
+        logs.contains("not in CLUSTER_NODES"),
+        "the error should say that NODE_NAME is not in CLUSTER_NODES:\n{logs}"
+    );
 }
 
 #[test]
 fn malformed_member_list_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let logs = refusal(
+    let logs = expect_start_failure(
         dir.path(),
         &[("NODE_NAME", "node1"), ("CLUSTER_NODES", "node1=127.0.0.1")],
     );
-    assert!(logs.contains("host:port"), "{logs}");
+    assert!(
+        logs.contains("host:port"),
+        "the error should show the expected host:port form:\n{logs}"
+    );
 }
 
-/// A single node's data directory cannot silently become a cluster member:
-/// its Raft groups have only itself as a member.
+/// A single node's data directory cannot silently become a cluster member,
+/// because its Raft groups have only that node as a member.
 #[test]
 fn data_directory_of_another_layout_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,7 +70,7 @@ fn data_directory_of_another_layout_is_rejected() {
     assert!(status.success(), "the single node did not stop cleanly");
 
     let members = member_list(&free_ports(3));
-    let logs = refusal(
+    let logs = expect_start_failure(
         dir.path(),
         &[("NODE_NAME", "node1"), ("CLUSTER_NODES", &members)],
     );

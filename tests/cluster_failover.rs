@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 const SHARDS: u32 = 8;
-/// How long a writer keeps retrying one append through a failover.
+/// Maximum time a writer keeps retrying one append through a failover.
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Acknowledged appends of one session: seq → the writer's event number.
@@ -54,7 +54,7 @@ async fn write_all(
                     status, 201,
                     "append {i} to {session} via {target} failed: {body}"
                 );
-                let seq = body["seq"].as_u64().expect("append answer has no seq");
+                let seq = body["seq"].as_u64().expect("append response has no seq");
                 let previous = acks.lock().unwrap().insert(seq, i);
                 assert!(
                     previous.is_none() || previous == Some(i),
@@ -67,7 +67,8 @@ async fn write_all(
         .await;
 }
 
-/// Waits until `acks` holds at least `count` entries.
+/// Waits until `acks` contains at least `count` entries, and fails after
+/// `timeout`.
 async fn wait_for_acks(acks: &Acks, count: usize, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while acks.lock().unwrap().len() < count {
@@ -125,7 +126,8 @@ async fn check_replica(
     order
 }
 
-/// Every replica must hold the same log, containing every acknowledged append.
+/// Checks that every replica has the same log of `session` and that it
+/// contains every acknowledged append.
 async fn check_every_replica(cluster: &Cluster, session: &str, acks: &Acks) {
     let acks = acks.lock().unwrap().clone();
     let mut logs = Vec::new();
@@ -169,8 +171,8 @@ async fn kill_and_restart_leader(
     (leader, pause)
 }
 
-/// The longest time `acks` did not grow, watched until it holds `until`
-/// entries: the write pause a client of this session saw.
+/// Returns the longest time `acks` did not grow, watched until it contains
+/// `until` entries. That is the write pause a client of this session saw.
 async fn longest_stall(acks: &Acks, until: usize) -> Duration {
     let started = Instant::now();
     let mut count = acks.lock().unwrap().len();
@@ -192,7 +194,7 @@ async fn longest_stall(acks: &Acks, until: usize) -> Duration {
     longest
 }
 
-/// The node ids other than `leader`, as API addresses.
+/// Returns the API addresses of the nodes other than `leader`.
 fn survivors(cluster: &Cluster, leader: u64) -> Vec<String> {
     (1..=cluster.nodes.len() as u64)
         .filter(|node| *node != leader)
@@ -200,19 +202,19 @@ fn survivors(cluster: &Cluster, leader: u64) -> Vec<String> {
         .collect()
 }
 
-/// Field case C06: 20,000 appends to one session; the leader of its shard
-/// is killed after about 5,000 acknowledgements and restarted 3 s later.
+/// 20,000 appends to one session. The leader of its shard is killed after
+/// about 5,000 acknowledgements and restarted 3 s later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill_mid_burst_loses_no_acknowledged_append() {
     let mut cluster = tokio::task::block_in_place(|| Cluster::start(3, &[]));
-    let session = "ses-c06";
+    let session = "ses-burst";
     create_ok(cluster.node(1), session).await;
 
     let leader = cluster
         .leader_of(session, SHARDS, Duration::from_secs(10))
         .await;
     // Writers use the other nodes, so the kill also cuts forwarded writes
-    // whose answers are lost, which clients retry with the same key.
+    // whose responses are lost. The clients retry those with the same key.
     let targets = survivors(&cluster, leader);
     let acks: Acks = Arc::default();
     let writer = tokio::spawn(write_all(
@@ -225,7 +227,7 @@ async fn leader_kill_mid_burst_loses_no_acknowledged_append() {
 
     let (killed, pause) = kill_and_restart_leader(&mut cluster, session, &acks, 5_000).await;
     writer.await.expect("writer panicked");
-    eprintln!("C06: killed node{killed}; writes paused for {pause:?}");
+    eprintln!("one session: killed node{killed}; writes paused for {pause:?}");
 
     assert_eq!(
         acks.lock().unwrap().len(),
@@ -235,8 +237,8 @@ async fn leader_kill_mid_burst_loses_no_acknowledged_append() {
     check_every_replica(&cluster, session, &acks).await;
 }
 
-/// Several sessions on several shards are written at once; the leader of
-/// one of them dies. Every replica ends with every acknowledged event.
+/// Several sessions on several shards are written at once, and the leader
+/// of one of them dies. Every replica ends with every acknowledged event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill_during_concurrent_appends_on_several_sessions() {
     let mut cluster = tokio::task::block_in_place(|| Cluster::start(3, &[]));

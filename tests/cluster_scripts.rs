@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 /// Runs `script` from the repository root with the cluster folder and the
-/// binary under test, and returns its combined output; panics on failure.
+/// binary under test, and returns its combined output. Panics if the script
+/// fails.
 fn run(script: &str, cluster_dir: &Path) -> String {
     let root = env!("CARGO_MANIFEST_DIR");
     let output = Command::new("bash")

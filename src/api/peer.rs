@@ -1,9 +1,10 @@
 //! Routes of the peer port: Raft messages, forwarded writes and reads, and
-//! tails relayed for nodes that hold no replica of a session.
+//! tails relayed for nodes that host no replica of a session.
 //!
 //! Bodies are postcard, see [`crate::consensus::transport`]. Every request
-//! must carry this cluster's layout fingerprint; one from a node configured
-//! for another cluster is refused with `409` before it touches a shard.
+//! must carry this cluster's layout fingerprint. A request from a node
+//! configured for another cluster is rejected with `409` before it reaches a
+//! shard.
 
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use crate::consensus::transport::{CONTENT_TYPE, LAYOUT_HEADER, MAX_BODY_BYTES};
 use crate::consensus::{Command, Raft, TypeConfig};
 
 /// Builds the peer port's routes.
-// TODO: authenticate peers (mutual TLS or a shared secret); until then the
+// TODO: authenticate peers (mutual TLS or a shared secret). Until then the
 // peer port must be reachable only by the other nodes.
 pub fn router(state: AppState, layout: Arc<str>) -> axum::Router {
     axum::Router::new()
@@ -43,8 +44,8 @@ pub fn router(state: AppState, layout: Arc<str>) -> axum::Router {
         .with_state(state)
 }
 
-/// Refuses requests from nodes configured with another member list, shard
-/// count or replication factor.
+/// Rejects with `409` the requests from nodes configured with another member
+/// list, shard count or replication factor.
 async fn check_layout(State(layout): State<Arc<str>>, request: Request, next: Next) -> Response {
     let sent = request
         .headers()
@@ -57,7 +58,7 @@ async fn check_layout(State(layout): State<Arc<str>>, request: Request, next: Ne
         sent = ?sent,
         expected = %layout,
         path = %request.uri().path(),
-        "peer request from a node with another cluster layout refused"
+        "peer request from a node with another cluster layout rejected"
     );
     let message = format!(
         "this node belongs to a cluster with layout {layout:?} but the request came with {sent:?}; \
@@ -71,13 +72,14 @@ fn postcard<T: Serialize>(value: &T) -> Response {
         Ok(bytes) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], bytes).into_response(),
         Err(err) => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding the answer failed: {err}"),
+            format!("encoding the response failed: {err}"),
         )
             .into_response(),
     }
 }
 
-/// A peer request refused before it reached a shard: nothing was done.
+/// Rejection of a peer request before it reached a shard, so nothing was
+/// done.
 struct Rejected(StatusCode, String);
 
 impl IntoResponse for Rejected {
@@ -88,7 +90,7 @@ impl IntoResponse for Rejected {
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Rejected> {
     postcard::from_bytes(body).map_err(|err| {
-        warn!(error = %err, "undecodable peer request");
+        warn!(error = %err, "decoding a peer request failed");
         Rejected(
             StatusCode::BAD_REQUEST,
             format!("the request body is not a valid message: {err}"),
@@ -105,8 +107,8 @@ fn route(state: &AppState, shard: u32) -> Result<&ShardRoute, Rejected> {
     })
 }
 
-/// The Raft group of `shard` on this node; `404` when it hosts none, which
-/// means the sender's member list differs from ours.
+/// Returns the Raft group of `shard` on this node, or `404` when it hosts
+/// none, which means that the sender's member list differs from this node's.
 fn raft(state: &AppState, shard: u32) -> Result<Raft, Rejected> {
     route(state, shard)?
         .local()
@@ -149,7 +151,9 @@ async fn snapshot(
     Ok(postcard(&raft.install_snapshot(request).await))
 }
 
-/// A write forwarded by a node that is not the shard's leader.
+/// Handles a write forwarded by a node that is not the shard's leader.
+/// During shutdown it returns `Refusal::NotLeader`, so that the sender looks
+/// for the leader again.
 async fn write(
     State(state): State<AppState>,
     Path(shard): Path<u32>,
@@ -166,7 +170,7 @@ async fn write(
     Ok(postcard(&answer))
 }
 
-/// A header read forwarded by a node that is not the shard's leader.
+/// Handles a header read forwarded by a node that is not the shard's leader.
 async fn read_header(
     State(state): State<AppState>,
     Path((shard, session_id)): Path<(u32, String)>,

@@ -1,7 +1,7 @@
-//! Tails on a node that holds no replica of the session's shard.
+//! Tails on a node that hosts no replica of the session's shard.
 //!
-//! Such a node relays: it opens the same tail on a replica's peer port
-//! (the leader first) from the client's cursor and passes the frames on.
+//! Such a node relays the tail. It opens the same tail on a replica's peer
+//! port (the leader first) from the client's cursor and passes the frames on.
 //! When that replica goes away it opens the tail again on another one from
 //! the last seq it passed on, so the client sees neither a gap nor a
 //! duplicate across the switch.
@@ -22,12 +22,12 @@ use super::state::AppState;
 use super::tail::{send, GOING_AWAY, INTERNAL_ERROR, MAX_INBOUND_BYTES};
 use crate::consensus::transport::LAYOUT_HEADER;
 
-/// How long a relay may go without a reachable replica before it closes
+/// Maximum time a relay goes without a reachable replica before it closes
 /// the client's socket.
 const REPLICA_DEADLINE: Duration = Duration::from_secs(10);
 /// Pause between two rounds of connection attempts.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
-/// Time allowed to open the tail on a replica.
+/// Timeout for opening the tail on one replica.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 type UpstreamSocket =
@@ -46,13 +46,14 @@ pub fn accept(
         .on_upgrade(move |socket| tails.track_future(relay(socket, state, session_id, cursor)))
 }
 
-/// How one upstream connection ended.
+/// End of one upstream connection, with the reason for the logs.
 enum Ending {
-    /// Close the client's socket with this code and reason.
+    /// The relay ends and closes the client's socket with this code and
+    /// reason.
     Close(u16, String),
-    /// The client is gone.
+    /// The client is gone, so the relay ends.
     Dropped(String),
-    /// The replica went away; open the tail on another one.
+    /// The replica went away, so the relay opens the tail on another one.
     Lost(String),
 }
 
@@ -89,11 +90,11 @@ struct Relay<'a> {
     state: &'a AppState,
     session_id: &'a str,
     last_sent: u64,
-    /// When the client last sent anything (pongs included).
+    /// Time the client last sent anything (pongs included).
     last_inbound: Instant,
-    /// When the replica last sent anything. Replicas ping every tail ping
-    /// interval, so a long silence means the connection is dead even if the
-    /// OS has not noticed (a partition drops packets without a reset).
+    /// Time the replica last sent anything. Replicas ping every tail ping
+    /// interval, so a long silence means that the connection is dead even if
+    /// the OS has not noticed (a partition drops packets without a reset).
     last_upstream: Instant,
 }
 
@@ -148,7 +149,7 @@ impl Relay<'_> {
             let mut request = match url.as_str().into_client_request() {
                 Ok(request) => request,
                 Err(err) => {
-                    warn!(url = %url, error = %err, "invalid relay url");
+                    warn!(url = %url, error = %err, "invalid relay URL");
                     continue;
                 }
             };
@@ -215,7 +216,9 @@ impl Relay<'_> {
         }
     }
 
-    /// Handles one upstream frame; returns how the relay ends, if it does.
+    /// Passes one upstream frame on to the client, skipping events already
+    /// sent. Returns the ending when the frame ends this upstream connection
+    /// or the relay.
     async fn forward(
         &mut self,
         sink: &mut SplitSink<WebSocket, Message>,

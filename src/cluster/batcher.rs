@@ -24,19 +24,19 @@ use crate::consensus::{Command, Outcome};
 const MAX_IN_FLIGHT: usize = 1;
 /// Commands in one batch at most.
 const MAX_BATCH: usize = 1024;
-/// Approximate bytes of commands in one batch, after which it closes: keeps
+/// Approximate size in bytes of commands at which a batch closes. It keeps
 /// each Raft entry small enough to replicate within openraft's per-message
-/// deadline (a single larger request still goes alone).
+/// deadline, but a single larger request still goes alone.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Requests queued per shard before callers wait for room.
 const QUEUE: usize = 8192;
 
-/// Where a request may be carried out.
+/// Nodes on which a request may be carried out.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Delivery {
     /// On the shard leader, wherever it is.
     Routed,
-    /// Only here, and only while this node leads: a peer forwarded it.
+    /// Only here and only while this node leads, because a peer forwarded it.
     LocalOnly,
 }
 
@@ -72,9 +72,10 @@ impl Batcher {
             })
     }
 
-    /// Submits a command a peer forwarded: carried out with this node's own
-    /// requests while it leads the shard, refused otherwise, so that the
-    /// peer looks for the leader itself and no command travels in a circle.
+    /// Submits a command that a peer forwarded. While this node leads the
+    /// shard, the command is batched with this node's own requests. Otherwise
+    /// it is rejected with `Refusal::NotLeader`, so that the peer looks for the
+    /// leader itself and no command is forwarded in a circle.
     pub async fn write_local(&self, command: Command) -> Result<Outcome, Refusal> {
         self.submit(command, Delivery::LocalOnly).await
     }
@@ -131,8 +132,9 @@ async fn run(route: Arc<ShardRoute>, mut receiver: mpsc::Receiver<Request>) {
     info!(shard = route.shard(), "batcher stopped");
 }
 
-/// Refuses a forwarded request at once when this node does not lead, so it
-/// does not wait behind this node's own forwarded batch; returns the others.
+/// Rejects a forwarded request at once when this node does not lead, so that
+/// it does not wait behind a batch this node forwards itself. Returns every
+/// other request unchanged.
 fn refuse_if_not_leading(route: &ShardRoute, request: Request) -> Option<Request> {
     if request.delivery == Delivery::LocalOnly && !route.leads() {
         let _ = request.reply.send(Err(Refusal::NotLeader {
@@ -143,9 +145,9 @@ fn refuse_if_not_leading(route: &ShardRoute, request: Request) -> Option<Request
     Some(request)
 }
 
-/// Carries out one batch: in one Raft entry here while this node leads;
-/// otherwise the routed requests go to the leader as one command and the
-/// forwarded ones are refused.
+/// Carries out one batch. While this node leads, the batch becomes one Raft
+/// entry here. Otherwise the routed requests go to the leader as one command
+/// and the forwarded ones are rejected with `Refusal::NotLeader`.
 async fn submit(route: &ShardRoute, batch: Vec<Request>) {
     let batch = if route.leads() {
         match write_here(route, batch).await {
@@ -176,9 +178,9 @@ async fn submit(route: &ShardRoute, batch: Vec<Request>) {
 }
 
 /// Writes the batch as one entry through the local Raft group. Returns the
-/// requests again when leadership moved between the check and the write:
-/// openraft then refused the entry without keeping it, so they may be
-/// routed to the new leader.
+/// requests again when leadership moved between the check and the write.
+/// openraft then rejected the entry without appending it, so the requests
+/// may be routed to the new leader.
 async fn write_here(route: &ShardRoute, batch: Vec<Request>) -> Option<Vec<Request>> {
     let deliveries: Vec<Delivery> = batch.iter().map(|request| request.delivery).collect();
     let (command, replies) = combine(batch);
@@ -213,8 +215,9 @@ fn split(command: Arc<Command>, deliveries: Vec<Delivery>, replies: Vec<Reply>) 
 
 type Reply = oneshot::Sender<Result<Outcome, Refusal>>;
 
-/// Merges requests into one command: a lone command as it is, several as a
-/// [`Command::Batch`] in order. Returns the replies in the same order.
+/// Merges requests into one command and returns it with their reply senders
+/// in the same order. A lone command stays as it is, and several become a
+/// [`Command::Batch`].
 fn combine(mut batch: Vec<Request>) -> (Command, Vec<Reply>) {
     if batch.len() == 1 {
         let request = batch.remove(0);
@@ -227,9 +230,10 @@ fn combine(mut batch: Vec<Request>) -> (Command, Vec<Reply>) {
     (Command::Batch(commands), replies)
 }
 
-/// Hands each request its part of the combined command's outcome.
+/// Sends each request its part of the combined command's outcome.
 fn distribute(shard: u32, mut replies: Vec<Reply>, outcome: Result<Outcome, Refusal>) {
-    // A caller that gave up waiting has dropped its receiver, hence `let _`.
+    // A caller that stopped waiting has dropped its receiver, so send errors
+    // are ignored.
     match outcome {
         Ok(outcome) if replies.len() == 1 => {
             let _ = replies.remove(0).send(Ok(outcome));

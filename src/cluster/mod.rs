@@ -1,5 +1,5 @@
-//! Shards and routing: which Raft group owns a session, which nodes hold
-//! it, and how a command reaches its leader.
+//! Shards and routing: the Raft group that owns a session, the nodes that
+//! host it, and the path of a command to its leader.
 
 mod batcher;
 pub mod route;

@@ -1,12 +1,13 @@
-//! Getting a command or a read to the leader of one shard, wherever it is.
+//! Routing of commands and header reads to the leader of one shard, wherever
+//! it is.
 //!
-//! A node that hosts the shard knows its leader from openraft; a node that
-//! does not keeps a hint, learned from the replicas it asks. A request that
-//! meets a node which is not (or no longer) the leader follows that node's
-//! hint and tries again, until [`ROUTE_DEADLINE`] runs out. Only answers that
-//! prove the command was not carried out are retried: a forwarded write that
-//! got no answer may have been applied, so it fails with `503` and the
-//! client retries it with its idempotency key.
+//! A node that hosts the shard reads the leader from openraft's metrics. A
+//! node that does not keeps a leader hint, learned from the replicas it
+//! contacts. A request that reaches a node which is not (or no longer) the
+//! leader follows that node's hint and tries again until [`ROUTE_DEADLINE`]
+//! runs out. Only responses that prove the command was not carried out are
+//! retried. A forwarded write that got no response may have been applied, so
+//! it fails with `503` and the client retries it with its idempotency key.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,40 +26,42 @@ use crate::consensus::{Command, Outcome};
 use crate::session::header::SessionHeader;
 use crate::storage::Store;
 
-/// How long a request may look for a shard leader before it gets `503`.
-/// Covers noticing that the old leader is gone and one election (2 to 3 s
-/// together, see the Raft timings in the router).
+/// Maximum time a request looks for a shard leader before it fails with
+/// `503`. It covers detecting that the old leader is gone plus one election,
+/// 2 to 3 s together with the Raft timings in `router::raft_config`.
 const ROUTE_DEADLINE: Duration = Duration::from_secs(5);
-/// How long a write may wait for commit, here or on the leader it was
-/// forwarded to, before its outcome is reported as unknown.
+/// Maximum time a write waits for commit, here or on the leader it was
+/// forwarded to, before its outcome is reported as unknown. It also bounds
+/// the leadership check before a header read.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a node waits for a peer's answer to a forwarded request: the
-/// leader's own commit timeout plus a margin, so that the leader's clearer
-/// timeout message arrives first.
+/// Maximum time a node waits for a peer's response to a forwarded request.
+/// It is the leader's commit timeout plus a margin, so that the leader's more
+/// specific timeout message arrives first.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(12);
 /// Pause between two attempts to find a leader.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// Why a node did not carry out a request addressed to a shard leader.
+/// Reason a node did not carry out a request addressed to a shard leader.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Refusal {
-    /// This node is not the leader; `leader` is who it believes is.
+    /// This node is not the leader. `leader` is the node it believes leads.
     NotLeader { leader: Option<u64> },
-    /// The shard cannot serve the request; the text says why.
+    /// The shard cannot serve the request, for the reason in the message.
     Unavailable(String),
 }
 
-/// Answer of a peer to a forwarded request.
+/// Response of a peer to a forwarded request.
 pub type PeerAnswer<T> = Result<T, Refusal>;
 
 /// Result of one attempt to reach the leader.
 enum Attempt<T> {
     Done(T),
-    /// Certainly not carried out: try again, at `leader` if one was named.
+    /// Certainly not carried out, so try again, at `leader` if one was named.
     Retry {
         leader: Option<u64>,
     },
-    /// Final: not carried out, or with an unknown outcome.
+    /// Final failure: the request was not carried out, or its outcome is
+    /// unknown.
     Fail(WriteError),
 }
 
@@ -72,30 +75,32 @@ impl<T> From<PeerAnswer<T>> for Attempt<T> {
     }
 }
 
-/// Peer path of forwarded writes to shard `shard`.
+/// Returns the peer path of forwarded writes to shard `shard`.
 pub fn write_path(shard: u32) -> String {
     format!("/_cluster/v1/shards/{shard}/write")
 }
 
-/// Peer path of forwarded header reads of `session_id` in shard `shard`.
+/// Returns the peer path of forwarded header reads of `session_id` in shard
+/// `shard`.
 pub fn header_path(shard: u32, session_id: &str) -> String {
     format!("/_cluster/v1/shards/{shard}/sessions/{session_id}")
 }
 
-/// Where one shard lives and how to reach its leader.
+/// Route to one shard's leader, through the local Raft group or the peer
+/// port of the node that leads.
 pub struct ShardRoute {
     shard: u32,
     local_id: u64,
-    /// The Raft group, when this node hosts a replica.
+    /// Raft group of the shard, when this node hosts a replica.
     local: Option<Shard>,
     replicas: Vec<u64>,
-    /// Peers, absent on a single node.
+    /// Peer client, `None` on a single node.
     peers: Option<Peers>,
     store: Store,
-    /// Last leader heard of, for shards this node does not host; 0 if none.
+    /// Last known leader, for shards this node does not host, or 0 if none.
     hint: AtomicU64,
-    /// A leader a peer named in its refusal, tried once by the next
-    /// attempt even on a replica whose own view lags; 0 if none.
+    /// Leader that a peer named when it rejected a request, or 0 if none.
+    /// The next attempt tries it once, even on a replica whose own view lags.
     named: AtomicU64,
 }
 
@@ -124,12 +129,13 @@ impl ShardRoute {
         self.shard
     }
 
-    /// The Raft group of this shard on this node, if it hosts one.
+    /// Returns the Raft group of this shard on this node, if it hosts one.
     pub fn local(&self) -> Option<&Shard> {
         self.local.as_ref()
     }
 
-    /// The leader as this node knows it.
+    /// Returns the leader in this node's view: openraft's on a replica, the
+    /// hint elsewhere.
     pub fn leader(&self) -> Option<u64> {
         match &self.local {
             Some(shard) => shard.leader(),
@@ -137,7 +143,7 @@ impl ShardRoute {
         }
     }
 
-    /// Whether this node currently leads the shard.
+    /// Returns whether this node currently leads the shard.
     pub fn leads(&self) -> bool {
         self.local.is_some() && self.leader() == Some(self.local_id)
     }
@@ -146,8 +152,9 @@ impl ShardRoute {
         self.hint.store(leader.unwrap_or(0), Ordering::Relaxed);
     }
 
-    /// Picks the replica to ask next when no leader is known: the one after
-    /// the last hint, so that every replica is tried in turn.
+    /// Picks the replica to try next when no leader is known and stores it as
+    /// the hint. It takes the replica after the last hint, so that every
+    /// replica is tried in turn.
     fn next_guess(&self) -> u64 {
         let last = self.hint.load(Ordering::Relaxed);
         let position = self.replicas.iter().position(|id| *id == last);
@@ -173,13 +180,13 @@ impl ShardRoute {
             match attempt {
                 Attempt::Done(outcome) => return Ok(outcome),
                 Attempt::Fail(err) => return Err(err),
-                Attempt::Retry { leader } => self.after_refusal(leader, deadline).await?,
+                Attempt::Retry { leader } => self.prepare_retry(leader, deadline).await?,
             }
         }
     }
 
-    /// Reads a session header on the shard leader, after it has confirmed
-    /// it still leads, so the answer includes every acknowledged write.
+    /// Reads a session header on the shard leader after it has confirmed that
+    /// it still leads, so the header includes every acknowledged write.
     pub async fn read_header(&self, session_id: &str) -> Result<Option<SessionHeader>, WriteError> {
         if self.peers.is_none() {
             // A single node is always the leader of its shards.
@@ -197,13 +204,14 @@ impl ShardRoute {
             match attempt {
                 Attempt::Done(header) => return Ok(header),
                 Attempt::Fail(err) => return Err(err),
-                Attempt::Retry { leader } => self.after_refusal(leader, deadline).await?,
+                Attempt::Retry { leader } => self.prepare_retry(leader, deadline).await?,
             }
         }
     }
 
-    /// The node to send the next attempt to: a leader a peer just named,
-    /// else openraft's view on a replica, else the hint.
+    /// Chooses the node for the next attempt: a leader a peer just named,
+    /// else openraft's view on a replica, else the hint. Returns `None` while
+    /// a replica has no leader in view.
     fn target(&self) -> Option<u64> {
         let named = self.named.swap(0, Ordering::Relaxed);
         if named != 0 {
@@ -215,9 +223,10 @@ impl ShardRoute {
         }
     }
 
-    /// Records who a refusing node named as leader and waits a little before
-    /// the next attempt, or fails once the deadline has passed.
-    async fn after_refusal(
+    /// Records the leader that a rejecting node named, or moves the hint on to
+    /// the next replica, then waits briefly before the next attempt. Fails with
+    /// `503` once the deadline has passed.
+    async fn prepare_retry(
         &self,
         leader: Option<u64>,
         deadline: Instant,
@@ -225,7 +234,7 @@ impl ShardRoute {
         if self.local.is_none() {
             match leader {
                 Some(leader) => self.learn(Some(leader)),
-                // Ask the next replica instead.
+                // No leader was named, so try the next replica.
                 None => {
                     self.next_guess();
                 }
@@ -239,14 +248,14 @@ impl ShardRoute {
             )));
         }
         match (&self.local, leader) {
-            // A leader named by a peer: try it next, after a pause that keeps
-            // two nodes naming each other from spinning.
+            // A peer named another leader. Try it next, after a short pause so
+            // that two nodes naming each other do not spin.
             (_, Some(leader)) if leader != self.local_id => {
                 self.named.store(leader, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             // A replica follows openraft's view of the leader, which changes
-            // with the election: wait for that view to move.
+            // with the election, so wait until that view changes.
             (Some(shard), _) => {
                 let mut metrics = shard.raft.metrics();
                 metrics.borrow_and_update();
@@ -257,7 +266,8 @@ impl ShardRoute {
         Ok(())
     }
 
-    /// Writes through the local Raft group; refuses unless it leads.
+    /// Writes `command` through the local Raft group. Returns
+    /// `Refusal::NotLeader` unless this node leads the shard.
     pub async fn write_here(&self, command: Arc<Command>) -> Result<Outcome, Refusal> {
         let Some(shard) = &self.local else {
             return Err(Refusal::NotLeader {
@@ -268,11 +278,11 @@ impl ShardRoute {
         match written {
             Ok(Ok(response)) => Ok(response.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                // openraft answers this for entries it never appended, and
-                // for entries a new leader made it drop. With at most three
-                // replicas (the configured maximum) a new leader lacking the
-                // entry means no other replica has it, so it can never be
-                // committed and trying again cannot apply it twice.
+                // openraft returns this for entries it never appended and
+                // for entries that a new leader made it drop. With at most
+                // three replicas (the configured maximum), a new leader without
+                // the entry means that no other replica has it. The entry can
+                // then never be committed, so a retry cannot apply it twice.
                 debug!(shard = self.shard, leader = ?forward.leader_id, "not the leader");
                 Err(Refusal::NotLeader {
                     leader: forward.leader_id,
@@ -300,7 +310,7 @@ impl ShardRoute {
                     "write not committed in time"
                 );
                 Err(Refusal::Unavailable(format!(
-                    "shard {} did not commit the write within {} s (no quorum?); its outcome is unknown, \
+                    "shard {} did not commit the write within {} s (a majority of its replicas may be unreachable); its outcome is unknown, \
                      so retry it with the same idempotency_key",
                     self.shard,
                     COMMIT_TIMEOUT.as_secs()
@@ -309,8 +319,8 @@ impl ShardRoute {
         }
     }
 
-    /// Reads a header here after confirming leadership; refuses unless this
-    /// node leads.
+    /// Reads a session header from the local store after openraft confirms
+    /// that this node still leads. Returns `Refusal::NotLeader` otherwise.
     pub async fn read_header_here(
         &self,
         session_id: &str,
@@ -369,35 +379,36 @@ impl ShardRoute {
         self.settle(node, answer, "read")
     }
 
-    /// Turns a peer's answer into an attempt result: done, retryable, or
-    /// final when the request may have been carried out.
+    /// Converts a peer's response into an attempt result and counts it in the
+    /// forwarding metric. Undelivered and rejected requests are retried, but a
+    /// missing response is final because the request may have been carried out.
     fn settle<T>(
         &self,
         node: u64,
         answer: Result<PeerAnswer<T>, CallError>,
-        what: &'static str,
+        kind: &'static str,
     ) -> Attempt<T> {
         match answer {
             Ok(answer) => {
-                crate::metrics::record_forward(what, "answered");
+                crate::metrics::record_forward(kind, "answered");
                 Attempt::from(answer)
             }
             Err(err @ (CallError::Unreachable { .. } | CallError::Refused { .. })) => {
-                // Nothing was carried out there: look for the leader again.
-                crate::metrics::record_forward(what, "not_delivered");
-                debug!(shard = self.shard, node, error = %err, "forwarded {what} not delivered; retrying");
+                // Nothing was carried out there, so look for the leader again.
+                crate::metrics::record_forward(kind, "not_delivered");
+                debug!(shard = self.shard, node, error = %err, "forwarded {kind} not delivered; retrying");
                 Attempt::Retry { leader: None }
             }
             Err(err @ CallError::NoAnswer { .. }) => {
-                crate::metrics::record_forward(what, "no_answer");
-                warn!(shard = self.shard, node, error = %err, "forwarded {what} got no answer");
-                let advice = if what == "write" {
+                crate::metrics::record_forward(kind, "no_answer");
+                warn!(shard = self.shard, node, error = %err, "forwarded {kind} got no response");
+                let advice = if kind == "write" {
                     "the outcome is unknown, so retry with the same idempotency_key"
                 } else {
                     "retry shortly"
                 };
                 Attempt::Fail(WriteError::Unavailable(format!(
-                    "the leader of shard {} did not answer ({err}); {advice}",
+                    "the leader of shard {} did not respond ({err}); {advice}",
                     self.shard
                 )))
             }

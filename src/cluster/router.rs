@@ -14,7 +14,8 @@ use crate::session::header::SessionHeader;
 use crate::storage::flusher::Flusher;
 use crate::storage::Store;
 
-/// A request that could not be carried out; the client may retry it.
+/// Error of a request that failed or has an unknown outcome. The client may
+/// retry it, with the same idempotency key for a write.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     #[error("{0}")]
@@ -102,7 +103,7 @@ impl Router {
         crate::storage::keys::shard_of(session_id, self.topology.shards())
     }
 
-    /// The route of shard `shard`, if it exists.
+    /// Returns the route of shard `shard`, if it exists.
     pub fn route(&self, shard: u32) -> Option<&ShardRoute> {
         self.routes.get(shard as usize).map(|route| &**route)
     }
@@ -119,8 +120,9 @@ impl Router {
             .await
     }
 
-    /// Carries out a command forwarded by a peer, batched with this node's
-    /// own requests, if this node leads shard `shard`; see [`Batcher::write_local`].
+    /// Carries out a command forwarded by a peer if this node leads shard
+    /// `shard`, batched with this node's own requests. See
+    /// [`Batcher::write_local`].
     pub async fn write_local(&self, shard: u32, command: Command) -> Result<Outcome, Refusal> {
         match self.batchers.get(shard as usize) {
             Some(batcher) => batcher.write_local(command).await,
@@ -130,18 +132,20 @@ impl Router {
         }
     }
 
-    /// Reads a session header as the shard leader sees it.
+    /// Reads a session header through the shard leader, so that it includes
+    /// every acknowledged write.
     pub async fn read_header(&self, session_id: &str) -> Result<Option<SessionHeader>, WriteError> {
         self.route_of(session_id).read_header(session_id).await
     }
 
-    /// Whether this node holds a replica of the session's shard, so that
-    /// tails can be served from its own store.
+    /// Returns whether this node hosts a replica of the session's shard, so
+    /// that tails can be served from its own store.
     pub fn hosts_session(&self, session_id: &str) -> bool {
         self.route_of(session_id).local().is_some()
     }
 
-    /// Peer ids holding the session's shard, leader first when known.
+    /// Returns the ids of the nodes that host the session's shard, the leader
+    /// first when known.
     pub fn replicas_of(&self, session_id: &str) -> Vec<u64> {
         let shard = self.shard_of(session_id);
         let mut replicas = self.topology.replicas(shard);
@@ -176,7 +180,8 @@ impl Router {
 
     /// Stops every hosted Raft group, waiting for in-flight log writes.
     // TODO: hand leadership of the shards this node leads to another replica
-    // first; openraft 0.9 has no leadership transfer, so each costs an election.
+    // first. openraft 0.9 has no leadership transfer, so each of those shards
+    // costs an election.
     pub async fn shutdown(&self) {
         for shard in self.hosted() {
             if let Err(err) = shard.raft.shutdown().await {
@@ -191,15 +196,15 @@ fn raft_config(settings: &RouterSettings, topology: &Topology) -> anyhow::Result
     let config = openraft::Config {
         cluster_name: "starcite".to_string(),
         // A follower calls an election once it has heard nothing for the
-        // election timeout plus openraft's leader lease (which equals the
-        // maximum timeout): 2 to 3 s after a leader dies with these values.
-        // Longer values doubled the measured failover pause; shorter ones
-        // risk needless elections on a loaded machine.
+        // election timeout plus openraft's leader lease, which equals the
+        // maximum timeout. With these values that is 2 to 3 s after a leader
+        // dies. Longer values doubled the measured failover pause, and shorter
+        // ones risk needless elections on a loaded machine.
         heartbeat_interval: 300,
         election_timeout_min: 1000,
         election_timeout_max: 1500,
-        // A lagging follower gets a snapshot of several MiB per call at
-        // most, and each call has this long.
+        // Each call that sends a lagging follower a snapshot chunk (up to
+        // snapshot_max_chunk_size) has this many ms to complete.
         install_snapshot_timeout: 10_000,
         snapshot_max_chunk_size: 4 * 1024 * 1024,
         // Large batches let one fsync and one apply serve many appends.

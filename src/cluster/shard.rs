@@ -14,14 +14,16 @@ use crate::consensus::{EventSink, Raft};
 use crate::storage::flusher::Flusher;
 use crate::storage::Store;
 
-/// One Raft group hosted on this node and what it needs to report recovery.
+/// Raft group of one shard hosted on this node, with the index it must apply
+/// before it reports recovery.
 pub struct Shard {
     pub id: u32,
     pub raft: Raft,
-    /// Index the state machine must reach before the shard serves reads:
-    /// the end of the log found at start on a single node (every entry there
-    /// was committed), the committed index found at start in a cluster
-    /// (later entries may be uncommitted and replaced by the leader).
+    /// Index the state machine must reach before the shard serves reads. On a
+    /// single node it is the end of the log found at start, because every
+    /// entry there was committed. In a cluster it is the committed index found
+    /// at start, because later entries may be uncommitted and replaced by the
+    /// leader.
     recovered_index: Option<u64>,
 }
 
@@ -45,8 +47,9 @@ impl Shard {
         } else {
             log_store.committed_index()?
         };
-        // Snapshots are built from the live state only once Raft runs: the
-        // read openraft makes while starting needs just their metadata.
+        // Snapshot images are built from the live state only once Raft runs,
+        // because the snapshot read openraft makes while starting needs only
+        // the metadata.
         let running = Arc::new(AtomicBool::new(false));
         let state_machine = StateMachine::new(
             id,
@@ -104,14 +107,14 @@ impl Shard {
         }
     }
 
-    /// The shard's current leader as this replica knows it.
+    /// Returns the shard's current leader in this replica's view.
     pub fn leader(&self) -> Option<u64> {
         self.raft.metrics().borrow().current_leader
     }
 }
 
-/// Logs every change of the shard's leader as this replica sees it, until
-/// the group stops.
+/// Logs every change of the shard's leader in this replica's view until the
+/// group stops.
 async fn log_leader_changes(id: u32, raft: Raft) {
     let mut metrics = raft.metrics();
     let mut known = None;
@@ -130,15 +133,16 @@ async fn log_leader_changes(id: u32, raft: Raft) {
     }
 }
 
-/// How long a replica that is not the preferred leader waits before it
-/// forms the group itself, in case the preferred leader is down.
+/// Time a replica that is not the preferred leader waits before it forms the
+/// group itself, in case the preferred leader is down.
 const FORMATION_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Makes the shard's replicas its first membership. The preferred leader
-/// does it at once and wins the first election, so leaders start out spread
-/// evenly; the other replicas join when it contacts them. Should it be down,
-/// they form the group themselves after [`FORMATION_GRACE`] with the same
-/// member set, which openraft allows on any number of replicas.
+/// Initializes the shard's Raft group with its replicas as the first
+/// membership. The preferred leader does this at once and wins the first
+/// election, so leaders start out spread evenly. The other replicas join when
+/// it contacts them. If it is down, they form the group themselves after
+/// [`FORMATION_GRACE`] with the same member set, which openraft allows on any
+/// number of replicas.
 async fn form_group(id: u32, raft: &Raft, topology: &Topology) -> anyhow::Result<()> {
     let replicas = topology.replicas(id);
     let members: BTreeMap<u64, BasicNode> = replicas
@@ -149,9 +153,9 @@ async fn form_group(id: u32, raft: &Raft, topology: &Topology) -> anyhow::Result
         })
         .collect();
 
-    // TODO: a node restarted on an empty data directory also lands here and
-    // forms or joins its groups with its Raft votes forgotten; it should ask
-    // its peers first and refuse to start if the group already exists.
+    // TODO: a node restarted on an empty data directory also gets here and
+    // forms or joins its groups with its Raft votes forgotten. It should ask
+    // its peers first and stop with an error if the group already exists.
     let preferred = replicas.first() == Some(&topology.local_id());
     if preferred {
         raft.initialize(members).await?;

@@ -1,11 +1,11 @@
-//! Who is in the cluster and which nodes hold each shard.
+//! Cluster members and the nodes that host each shard.
 //!
 //! Members are named in `CLUSTER_NODES` as `name=host:port` pairs, where the
 //! address is the node's peer port (Raft messages, forwarded requests and
 //! relayed tails). Node ids are the 1-based positions of the names in sorted
 //! order, so every node derives the same ids whatever order the list is
-//! written in, while the addresses may differ per node (a node may reach a
-//! peer through a proxy, for example).
+//! written in. The addresses may differ per node, for example when a node
+//! reaches a peer through a proxy.
 //!
 //! Shard `s` lives on the `replication_factor` nodes that follow position
 //! `s % n` in that order, and the first of them is its preferred leader, so
@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 /// A node id: 1 for the first name in sorted order.
 pub type NodeId = u64;
 
-/// One member of the cluster as this node sees it.
+/// One member of the cluster, with the address configured on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub id: NodeId,
@@ -25,7 +25,7 @@ pub struct Member {
     pub addr: String,
 }
 
-/// The members, this node's place among them and the shard layout.
+/// Cluster members, this node's id among them and the shard layout.
 #[derive(Debug, Clone)]
 pub struct Topology {
     local: NodeId,
@@ -34,13 +34,13 @@ pub struct Topology {
     replication_factor: usize,
 }
 
-/// An invalid `NODE_NAME` / `CLUSTER_NODES` / replication setting.
+/// Error for an invalid `NODE_NAME`, `CLUSTER_NODES` or replication factor.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
 pub struct TopologyError(String);
 
 impl Topology {
-    /// The embedded default: one node holding every shard.
+    /// Creates the embedded default: one node that hosts every shard.
     pub fn single(shards: u32) -> Topology {
         let member = Member {
             id: 1,
@@ -116,7 +116,7 @@ impl Topology {
         })
     }
 
-    /// Whether this node is the only member (the embedded default).
+    /// Returns whether this node is the only member (the embedded default).
     pub fn is_single(&self) -> bool {
         self.members.len() == 1
     }
@@ -145,7 +145,7 @@ impl Topology {
         self.replication_factor
     }
 
-    /// Nodes holding `shard`, its preferred leader first.
+    /// Returns the nodes that host `shard`, its preferred leader first.
     pub fn replicas(&self, shard: u32) -> Vec<NodeId> {
         let count = self.members.len();
         (0..self.replication_factor)
@@ -153,13 +153,14 @@ impl Topology {
             .collect()
     }
 
-    /// Whether this node holds a replica of `shard`.
+    /// Returns whether this node hosts a replica of `shard`.
     pub fn hosts(&self, shard: u32) -> bool {
         self.replicas(shard).contains(&self.local)
     }
 
-    /// A stable description of what must not change once data exists: the
-    /// member names, the shard count and the replication factor.
+    /// Returns a stable description of the settings that must not change once
+    /// data exists: the member names, the shard count and the replication
+    /// factor.
     pub fn layout(&self) -> String {
         let names: Vec<&str> = self.members.values().map(|m| m.name.as_str()).collect();
         format!(
@@ -230,18 +231,24 @@ mod tests {
     #[test]
     fn replicas_and_leaders_spread_evenly() {
         let topology = Topology::parse("n1", FIVE, 10, 3).unwrap();
-        let mut held = BTreeMap::<NodeId, usize>::new();
+        let mut replicas_per_node = BTreeMap::<NodeId, usize>::new();
         let mut preferred = BTreeMap::<NodeId, usize>::new();
         for shard in 0..10 {
             let replicas = topology.replicas(shard);
             assert_eq!(replicas.len(), 3);
             *preferred.entry(replicas[0]).or_default() += 1;
             for node in replicas {
-                *held.entry(node).or_default() += 1;
+                *replicas_per_node.entry(node).or_default() += 1;
             }
         }
-        assert!(held.values().all(|count| *count == 6), "{held:?}");
-        assert!(preferred.values().all(|count| *count == 2), "{preferred:?}");
+        assert!(
+            replicas_per_node.values().all(|count| *count == 6),
+            "replicas per node: {replicas_per_node:?}"
+        );
+        assert!(
+            preferred.values().all(|count| *count == 2),
+            "preferred leaders per node: {preferred:?}"
+        );
     }
 
     #[test]
@@ -271,8 +278,12 @@ mod tests {
 
     #[test]
     fn layout_ignores_addresses_and_order() {
-        let one = Topology::parse("n1", FIVE, 8, 3).unwrap();
-        let other = Topology::parse("n2", "n5=h:5,n4=h:4,n3=h:3,n2=h:2,n1=h:1", 8, 3).unwrap();
-        assert_eq!(one.layout(), other.layout());
+        let n1_view = Topology::parse("n1", FIVE, 8, 3).unwrap();
+        let n2_view = Topology::parse("n2", "n5=h:5,n4=h:4,n3=h:3,n2=h:2,n1=h:1", 8, 3).unwrap();
+        assert_eq!(
+            n1_view.layout(),
+            n2_view.layout(),
+            "layouts of two views that differ only in addresses and order"
+        );
     }
 }

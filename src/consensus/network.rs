@@ -1,9 +1,10 @@
-//! openraft's network for one shard: its messages travel over [`Peers`] to
-//! the peer routes of the target node.
+//! openraft's network for one shard, which sends its messages over [`Peers`]
+//! to the peer routes of the target node.
 //!
 //! A node that is down or partitioned away is reported as unreachable, which
-//! makes openraft back off before it tries again; a call that may have
-//! arrived but got no answer is a network error, retried by openraft as well.
+//! makes openraft back off before it tries again. A call that may have
+//! arrived but got no response is a network error, which openraft retries
+//! as well.
 
 use std::time::Duration;
 
@@ -24,11 +25,12 @@ use tracing::debug;
 use super::transport::{CallError, Peers};
 use super::TypeConfig;
 
-/// Bytes of entries one append message carries at most (a single larger
-/// entry still goes alone).
+/// Maximum size in bytes of the entries in one append message. A single
+/// larger entry still goes alone.
 const APPEND_BUDGET: usize = 4 * 1024 * 1024;
 
-/// The number of entries to send instead, when `rpc` is over the budget.
+/// Returns the number of entries to send instead when `rpc` is over
+/// [`APPEND_BUDGET`], or `None` when it fits or carries a single entry.
 fn entries_hint(rpc: &AppendEntriesRequest<TypeConfig>) -> Option<u64> {
     let count = rpc.entries.len();
     if count <= 1 {
@@ -49,12 +51,12 @@ fn entry_size(entry: &Entry<TypeConfig>) -> usize {
     }
 }
 
-/// Peer paths of the Raft messages of shard `shard`.
+/// Returns the peer path of Raft message `message` of shard `shard`.
 pub fn raft_path(shard: u32, message: &str) -> String {
     format!("/_cluster/v1/shards/{shard}/raft/{message}")
 }
 
-/// Creates a client per target node for one shard.
+/// Factory of one client per target node for one shard's Raft messages.
 #[derive(Clone)]
 pub struct ShardNetwork {
     shard: u32,
@@ -62,8 +64,8 @@ pub struct ShardNetwork {
 }
 
 impl ShardNetwork {
-    /// A network for shard `shard`; `None` on a single node, which has no
-    /// peers and never sends a message.
+    /// Creates the network for shard `shard`. `peers` is `None` on a single
+    /// node, which has no peers and never sends a message.
     pub fn new(shard: u32, peers: Option<Peers>) -> ShardNetwork {
         ShardNetwork { shard, peers }
     }
@@ -90,8 +92,8 @@ impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
 }
 
 impl PeerClient {
-    /// Sends one Raft message and returns the peer's answer, or the
-    /// transport failure as it happened.
+    /// Sends one Raft message and returns the peer's response, or the
+    /// transport failure unchanged.
     async fn send<Req, Resp, E>(
         &self,
         message: &str,
@@ -113,9 +115,10 @@ impl PeerClient {
         peers.post(self.target, &path, request, timeout).await
     }
 
-    /// Maps a message's result to openraft's error kinds: a connection that
-    /// was never made is unreachable (openraft backs off), anything else a
-    /// network error.
+    /// Maps a message's result to openraft's error kinds. A Raft error from the
+    /// peer becomes a remote error. A connection that was never made is
+    /// unreachable, so openraft backs off, and any other transport failure is
+    /// a network error.
     fn settle<Resp, E>(
         &self,
         answer: Result<Result<Resp, RaftError<u64, E>>, CallError>,
@@ -142,8 +145,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         // openraft gives each append the heartbeat interval and retries the
         // same range after a failure, shrinking it only on PayloadTooLarge.
-        // A follower catching up would otherwise resend a range too large to
-        // transfer and fsync in time, forever.
+        // Without this check, a follower catching up would get a range too
+        // large to transfer and fsync in time, resent forever.
         if let Some(hint) = entries_hint(&rpc) {
             debug!(
                 shard = self.shard,

@@ -2,13 +2,13 @@
 //! replica that has fallen behind the leader's purged log.
 //!
 //! A node takes snapshots only as a durable point in its own store (see
-//! [`super::state_machine::SnapshotBuilder`]); the image here is built when a
+//! [`super::state_machine::SnapshotBuilder`]). The image here is built when a
 //! peer needs it, from the state as applied at that moment, and its log id
 //! is that applied point.
 //!
 //! TODO: the image is built, sent and installed in memory, so a shard
-//! larger than the memory of a node cannot be transferred; streaming it
-//! through a file would lift that.
+//! larger than the memory of a node cannot be transferred. Streaming it
+//! through a file would remove that limit.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +19,7 @@ use super::codec::{decode, encode, io_error};
 use super::AppliedEvent;
 use crate::storage::{keys, Store};
 
-/// Version of the image layout; an image of another version is refused.
+/// Version of the image layout. An image of another version is rejected.
 const FORMAT: u32 = 1;
 
 /// Every session of one shard, with its events and idempotency records.
@@ -41,9 +41,9 @@ struct SessionImage {
 }
 
 impl ShardImage {
-    /// The newest event of every session in the image. Published after an
-    /// install, they make open tails on this node notice that the store
-    /// moved ahead and read the events they missed from it.
+    /// Returns the newest event of every session in the image. Published
+    /// after an install, these events make open tails on this node notice that
+    /// the store moved ahead, so they read the events they missed from it.
     pub fn newest_events(&self) -> Vec<AppliedEvent> {
         self.sessions
             .iter()
@@ -58,7 +58,7 @@ impl ShardImage {
             .collect()
     }
 
-    /// Number of sessions and events in the image, for logs.
+    /// Returns the number of sessions and events in the image, for logs.
     pub fn size(&self) -> (usize, usize) {
         let events = self.sessions.iter().map(|s| s.events.len()).sum();
         (self.sessions.len(), events)
@@ -69,7 +69,8 @@ fn read_error(err: impl std::fmt::Display) -> StorageError<u64> {
     io_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, err)
 }
 
-/// Ids of the sessions stored for `shard` (of `shard_count`).
+/// Returns the ids of the sessions stored for `shard` out of `shard_count`
+/// shards.
 fn session_ids(
     store: &Store,
     shard: u32,
@@ -86,7 +87,7 @@ fn session_ids(
     Ok(ids)
 }
 
-/// Reads every session of `shard` from the store.
+/// Builds the image of `shard` from every session of that shard in the store.
 pub fn build(store: &Store, shard: u32, shard_count: u32) -> Result<ShardImage, StorageError<u64>> {
     let mut image = ShardImage {
         format: FORMAT,
@@ -121,12 +122,13 @@ pub fn build(store: &Store, shard: u32, shard_count: u32) -> Result<ShardImage, 
     Ok(image)
 }
 
-/// Serialises an image for sending.
+/// Encodes an image for sending.
 pub fn to_bytes(image: &ShardImage) -> Vec<u8> {
     encode(image)
 }
 
-/// Reads an image received from a peer.
+/// Decodes an image received from a peer. Fails on an image of another
+/// format version.
 pub fn from_bytes(bytes: &[u8]) -> Result<ShardImage, StorageError<u64>> {
     let image: ShardImage = decode(bytes, "received snapshot")?;
     if image.format != FORMAT {
@@ -146,9 +148,9 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ShardImage, StorageError<u64>> {
 /// insertion of the image's sessions, so that committing the batch replaces
 /// the shard's state in one atomic step.
 ///
-/// Keys the image writes again are not removed first: every write of one
-/// batch gets the same sequence number, so a removal and an insertion of one
-/// key in the same batch would have no defined order.
+/// Keys that the image writes again are not removed first. Every write of
+/// one batch gets the same sequence number, so a removal and an insertion of
+/// one key in the same batch would have no defined order.
 pub fn replace(
     store: &Store,
     shard: u32,
@@ -306,7 +308,7 @@ mod tests {
     }
 
     #[test]
-    fn newest_events_name_the_last_seq_of_each_session() {
+    fn newest_events_give_last_seq_per_session() {
         let (on_zero, _) = ids();
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
@@ -322,7 +324,7 @@ mod tests {
         newest.sort();
         let mut expected = vec![(on_zero[0].clone(), 5), (on_zero[1].clone(), 2)];
         expected.sort();
-        assert_eq!(newest, expected);
+        assert_eq!(newest, expected, "(session, newest seq) pairs");
     }
 
     #[test]

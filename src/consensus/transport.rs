@@ -4,7 +4,7 @@
 //! Every call is an HTTP/1.1 `POST` or `GET` to a peer's peer port with a
 //! postcard body, over reqwest's pooled keep-alive connections. Each request
 //! carries the cluster layout fingerprint, so a node started with a
-//! different member list or shard count is refused instead of mixing logs.
+//! different member list or shard count is rejected instead of mixing logs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,20 +18,23 @@ pub const LAYOUT_HEADER: &str = "x-starcite-layout";
 /// Content type of postcard bodies.
 pub const CONTENT_TYPE: &str = "application/x-starcite-postcard";
 
-/// Largest body a peer call may carry: a full batch of Raft entries or a
-/// snapshot chunk, with room to spare.
+/// Maximum body size in bytes of a peer call, enough for a full batch of Raft
+/// entries or a snapshot chunk with room to spare.
 pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 
-/// Why a peer call failed.
+/// Failure of a peer call, classified by what it means for the request's
+/// effect on the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
-    /// The request never reached the peer (no address, refused connection,
-    /// failed connect), so it certainly had no effect there.
+    /// The request never reached the peer (no address, encoding failed,
+    /// connection refused or failed), so it certainly had no effect there.
     #[error("node {node} is unreachable: {reason}")]
     Unreachable { node: u64, reason: String },
-    /// The request may have reached the peer, but no answer came back in time
-    /// or the connection broke: whether it had an effect is unknown.
-    #[error("no answer from node {node}: {reason}")]
+    /// The request may have reached the peer, but no usable response came
+    /// back (a timeout, a broken connection, an error status from after the
+    /// peer's checks, or an undecodable body). Whether it had an effect is
+    /// unknown.
+    #[error("no response from node {node}: {reason}")]
     NoAnswer { node: u64, reason: String },
     /// The peer rejected the request before acting on it (a malformed or
     /// misaddressed request, another cluster layout, a body too large).
@@ -43,7 +46,7 @@ pub enum CallError {
     },
 }
 
-/// Pooled HTTP client and the peer addresses as this node sees them.
+/// Pooled HTTP client and the peer addresses configured on this node.
 #[derive(Clone)]
 pub struct Peers {
     client: reqwest::Client,
@@ -59,7 +62,7 @@ impl Peers {
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(30))
-            // Bounds the idle connections kept per peer; replication streams
+            // Limits the idle connections kept per peer. Replication streams
             // and forwarded requests open more while busy.
             .pool_max_idle_per_host(64)
             .http1_only()
@@ -71,17 +74,17 @@ impl Peers {
         })
     }
 
-    /// Peer address of `node`.
+    /// Returns the peer address of `node`.
     pub fn address(&self, node: u64) -> Option<&str> {
         self.addresses.get(&node).map(String::as_str)
     }
 
-    /// The layout fingerprint this node sends and expects.
+    /// Returns the layout fingerprint this node sends and expects.
     pub fn layout(&self) -> &str {
         &self.layout
     }
 
-    /// POSTs `body` to `path` on `node` and decodes the answer.
+    /// POSTs `body` to `path` on `node` and decodes the response.
     pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         node: u64,
@@ -104,7 +107,7 @@ impl Peers {
         self.send(node, request).await
     }
 
-    /// GETs `path` on `node` and decodes the answer.
+    /// GETs `path` on `node` and decodes the response.
     pub async fn get<Resp: DeserializeOwned>(
         &self,
         node: u64,
@@ -137,7 +140,7 @@ impl Peers {
         let status = response.status();
         let body = response.bytes().await.map_err(|err| CallError::NoAnswer {
             node,
-            reason: format!("reading the answer failed: {err}"),
+            reason: format!("reading the response failed: {err}"),
         })?;
         if !status.is_success() {
             let message: String = String::from_utf8_lossy(&body).chars().take(500).collect();
@@ -159,12 +162,13 @@ impl Peers {
         }
         postcard::from_bytes(&body).map_err(|err| CallError::NoAnswer {
             node,
-            reason: format!("the answer could not be decoded: {err}"),
+            reason: format!("decoding the response failed: {err}"),
         })
     }
 }
 
-/// Sorts a reqwest failure into "never arrived" and "outcome unknown".
+/// Classifies a reqwest failure as unreachable (the connection was never
+/// made) or as no response (outcome unknown).
 fn classify(node: u64, err: &reqwest::Error) -> CallError {
     let reason = error_chain(err);
     if err.is_connect() {

@@ -1,9 +1,9 @@
 //! A real multi-process cluster on loopback, and a TCP proxy that can cut a
 //! node off from its peers.
 //!
-//! Each node is a [`Server`] with its own data directory and API port. Peer
-//! ports are picked free before start, because every node must know them
-//! all in `CLUSTER_NODES`.
+//! Each node is a [`Server`] with its own data directory and API port. Free
+//! peer ports are picked before the nodes start, because `CLUSTER_NODES` on
+//! every node must list them all.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::{metrics_text, read_json, session_path, Server};
 
-/// Nodes of one cluster, node `i` named `node{i+1}`.
+/// Nodes of one test cluster. The node at index `i` is named `node{i+1}`.
 pub struct Cluster {
     pub nodes: Vec<Server>,
     /// Peer port of each node, by index.
@@ -26,8 +26,8 @@ pub struct Cluster {
     _dirs: Vec<TempDir>,
 }
 
-/// Reserves `count` free loopback ports. The listeners are dropped before
-/// the nodes bind them; another process could take one in between, which
+/// Finds `count` free loopback ports. The listeners are dropped before the
+/// nodes bind the ports, so another process could take one in between, which
 /// shows up as a node that fails to start.
 pub fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<StdTcpListener> = (0..count)
@@ -44,7 +44,8 @@ pub fn free_ports(count: usize) -> Vec<u16> {
         .collect()
 }
 
-/// `CLUSTER_NODES` for nodes reachable at `ports` (index i is node i+1).
+/// Builds `CLUSTER_NODES` for nodes reachable at `ports`, where index `i` is
+/// node `i+1`.
 pub fn member_list(ports: &[u16]) -> String {
     ports
         .iter()
@@ -55,16 +56,17 @@ pub fn member_list(ports: &[u16]) -> String {
 }
 
 impl Cluster {
-    /// Starts `count` nodes that all see each other directly.
+    /// Starts `count` nodes that reach each other directly.
     pub fn start(count: usize, env: &[(&str, &str)]) -> Cluster {
         let ports = free_ports(count);
         let views = vec![member_list(&ports); count];
         Cluster::start_with_views(ports, views, env)
     }
 
-    /// Starts one node per peer port, node `i` with `views[i]` as its
-    /// `CLUSTER_NODES` (so a node may reach a peer through a proxy). All
-    /// start at once: none is ready before its shards have leaders.
+    /// Starts one node per peer port, the node at index `i` with `views[i]`
+    /// as its `CLUSTER_NODES`, so that a node may reach a peer through a
+    /// proxy. All nodes start at once, because none is ready before its
+    /// shards have leaders.
     pub fn start_with_views(
         peer_ports: Vec<u16>,
         views: Vec<String>,
@@ -116,7 +118,7 @@ impl Cluster {
         }
     }
 
-    /// Node by 1-based id.
+    /// Returns the node with the 1-based id `id`.
     pub fn node(&self, id: u64) -> &Server {
         &self.nodes[id as usize - 1]
     }
@@ -125,7 +127,7 @@ impl Cluster {
         &mut self.nodes[id as usize - 1]
     }
 
-    /// Everything every node printed, for failure messages.
+    /// Returns everything every node printed, for failure messages.
     pub fn logs(&self) -> String {
         self.nodes
             .iter()
@@ -134,20 +136,20 @@ impl Cluster {
             .collect()
     }
 
-    /// Leader of the shard holding `session_id`, as a node that hosts it
-    /// reports in its metrics; waits up to `timeout` for one.
+    /// Returns the leader of the shard that contains `session_id`, as the
+    /// metrics of a running replica report it. Waits up to `timeout` for a
+    /// leader that is running.
     pub async fn leader_of(&self, session_id: &str, shards: u32, timeout: Duration) -> u64 {
         let shard = shard_of(session_id, shards);
         let deadline = Instant::now() + timeout;
         loop {
-            for (index, node) in self.nodes.iter().enumerate() {
+            for node in &self.nodes {
                 if !node.is_running() {
                     continue;
                 }
                 let text = metrics_text(node).await;
                 if let Some(leader) = leader_in_metrics(&text, shard) {
                     if leader != 0 && self.nodes[leader as usize - 1].is_running() {
-                        let _ = index;
                         return leader;
                     }
                 }
@@ -161,7 +163,8 @@ impl Cluster {
     }
 }
 
-/// The shard the server puts `session_id` on: XXH3 (seed 0) modulo the shard count.
+/// Returns the shard the server assigns `session_id` to: XXH3 (seed 0)
+/// modulo the shard count.
 pub fn shard_of(session_id: &str, shards: u32) -> u32 {
     (xxhash_rust::xxh3::xxh3_64(session_id.as_bytes()) % u64::from(shards)) as u32
 }
@@ -242,7 +245,7 @@ impl Proxy {
         }
     }
 
-    /// Cuts every connection and refuses traffic until [`Proxy::heal`].
+    /// Cuts every open connection and closes new ones until [`Proxy::heal`].
     pub fn block(&self) {
         self.blocked.store(true, Ordering::SeqCst);
         for connection in self.connections.lock().unwrap().drain(..) {
