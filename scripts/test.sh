@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The cluster script tests drive the nodes with curl.
+if ! command -v curl >/dev/null 2>&1; then
+  echo "curl is missing; installing it from Debian's packages"
+  sudo_cmd=""
+  [[ "$(id -u)" -ne 0 ]] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq curl
+fi
+
 # Release mode: the integration tests push tens of thousands of events
 # through the server, which a debug build makes several times slower.
 cargo test --release --locked "$@"
