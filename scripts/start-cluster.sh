@@ -5,7 +5,7 @@
 #
 #   NODES=5                 number of nodes (default 5)
 #   STARCITE_CLUSTER_DIR    folder for data, logs and PID files (default .cluster)
-#   STARCITE_BIN            server binary (default: build target/release/starcite)
+#   STARCITE_BIN            server binary (default: build it into $CARGO_TARGET_DIR, or target/, release/starcite)
 #   Other STARCITE_* variables are passed on to every node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ dir="${STARCITE_CLUSTER_DIR:-.cluster}"
 bin="${STARCITE_BIN:-}"
 if [[ -z "$bin" ]]; then
   cargo build --release --locked --bin starcite
-  bin="target/release/starcite"
+  bin="${CARGO_TARGET_DIR:-target}/release/starcite"
 fi
 
 mkdir -p "$dir"

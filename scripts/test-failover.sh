@@ -8,7 +8,7 @@
 #
 #   STARCITE_CLUSTER_DIR  the cluster folder (default .cluster)
 #   NODES                 number of nodes (default: one per PID file in it)
-#   STARCITE_BIN          binary for the restart (default target/release/starcite)
+#   STARCITE_BIN          binary for the restart (default ${CARGO_TARGET_DIR:-target}/release/starcite)
 #   SESSIONS=24           test sessions, spread over the shards so that some
 #                         land on shards whose leader is node1
 #   Other STARCITE_* variables reach the restarted node, as in start-cluster.sh.
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 source scripts/cluster-env.sh
 
 dir="${STARCITE_CLUSTER_DIR:-.cluster}"
-bin="${STARCITE_BIN:-target/release/starcite}"
+bin="${STARCITE_BIN:-${CARGO_TARGET_DIR:-target}/release/starcite}"
 sessions="${SESSIONS:-24}"
 pid_files=("$dir"/node*.pid)
 nodes="${NODES:-${#pid_files[@]}}"
@@ -312,5 +312,6 @@ restart_node1
 check_headers_via 1 "$last_seq"
 check_caught_up
 check_append_via_node1
-echo "node1 leads shards after its restart: $(shards_led_by 1 1)"
+led="$(shards_led_by 1 1)"
+echo "node1 leads shards after its restart: ${led:-none} (leadership does not move back by itself)"
 echo "all checks passed"

@@ -42,7 +42,7 @@ fn main() -> std::process::ExitCode {
 
 fn init_tracing() {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("starcite=info,openraft=error,fjall=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("starcite=info,openraft=off,fjall=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stdout().is_terminal())

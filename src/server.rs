@@ -39,6 +39,13 @@ pub async fn run(
     let hub = LiveHub::new(settings.tail_buffer_events as usize);
 
     let local_addr = listener.local_addr()?;
+    if !topology.is_single() {
+        let members: Vec<String> = topology
+            .members()
+            .map(|m| format!("{}={}@{}", m.id, m.name, m.addr))
+            .collect();
+        info!(node = topology.local_id(), members = %members.join(","), "cluster members (id=name@peer address)");
+    }
     let (peers, peer_listener) = if topology.is_single() {
         (None, None)
     } else {
@@ -123,6 +130,7 @@ async fn bind_peer_port(settings: &Settings, topology: &Topology) -> anyhow::Res
         .rsplit_once(':')
         .and_then(|(_, port)| port.parse().ok())
         .with_context(|| format!("CLUSTER_NODES address {own:?} has no port"))?;
+    warn_if_unreachable_by_peers(settings, own);
     let addr = SocketAddr::new(settings.host, port);
     let listener = TcpListener::bind(addr).await.with_context(|| {
         format!(
@@ -132,6 +140,26 @@ async fn bind_peer_port(settings: &Settings, topology: &Topology) -> anyhow::Res
     })?;
     info!(peer_addr = %addr, node = %topology.local().name, "peer port bound");
     Ok(listener)
+}
+
+/// Warns when this node's peer port binds an address other than the one
+/// its peers use for it, for example the default 127.0.0.1 on a cluster
+/// spread over hosts.
+fn warn_if_unreachable_by_peers(settings: &Settings, own: &str) {
+    let Some((host, _)) = own.rsplit_once(':') else {
+        return;
+    };
+    let Ok(advertised) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() else {
+        return;
+    };
+    if !settings.host.is_unspecified() && advertised != settings.host {
+        warn!(
+            bind = %settings.host,
+            advertised = %own,
+            "the peer port binds another address than CLUSTER_NODES gives for this node; \
+             peers cannot reach it unless STARCITE_HOST is that address or 0.0.0.0"
+        );
+    }
 }
 
 async fn serve_peers(listener: TcpListener, routes: axum::Router, shutdown: CancellationToken) {
@@ -198,7 +226,7 @@ async fn mark_ready_after_recovery(state: AppState) {
     match state.router().wait_recovered().await {
         Ok(()) => {
             state.mark_recovered();
-            info!("storage recovered; ready");
+            info!("storage recovered; ready once every shard on this node has a leader");
         }
         Err(err) => error!(error = %err, "recovery failed; the node stays unready"),
     }

@@ -117,7 +117,7 @@ impl Relay<'_> {
                 if since.elapsed() > REPLICA_DEADLINE {
                     return Ending::Close(
                         GOING_AWAY,
-                        "no replica of this session is reachable; reconnect with your last seq as cursor"
+                        "no replica of this session could serve the tail; reconnect with your last seq as cursor"
                             .to_string(),
                     );
                 }
@@ -159,7 +159,10 @@ impl Relay<'_> {
             match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
                 .await
             {
-                Ok(Ok((socket, _))) => return Some(socket),
+                Ok(Ok((socket, _))) => {
+                    info!(session_id = %self.session_id, node, cursor = self.last_sent, "relayed tail reading from a replica");
+                    return Some(socket);
+                }
                 Ok(Err(err)) => {
                     warn!(session_id = %self.session_id, node, error = %err, "opening a relayed tail failed")
                 }

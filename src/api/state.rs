@@ -115,7 +115,7 @@ impl AppState {
             return Some(reason);
         }
         if !self.inner.router.all_have_leaders() {
-            return Some("a shard on this node has no leader yet".to_string());
+            return Some("a shard on this node has no leader".to_string());
         }
         None
     }

@@ -135,7 +135,7 @@ async fn log_leader_changes(id: u32, raft: Raft) {
 
 /// Time a replica that is not the preferred leader waits before it forms the
 /// group itself, in case the preferred leader is down.
-const FORMATION_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+const FORMATION_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Initializes the shard's Raft group with its replicas as the first
 /// membership. The preferred leader does this at once and wins the first

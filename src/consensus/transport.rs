@@ -6,12 +6,13 @@
 //! carries the cluster layout fingerprint, so a node started with a
 //! different member list or shard count is rejected instead of mixing logs.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::{info, warn};
 
 /// Header carrying the layout fingerprint on every peer request.
 pub const LAYOUT_HEADER: &str = "x-starcite-layout";
@@ -52,6 +53,9 @@ pub struct Peers {
     client: reqwest::Client,
     addresses: Arc<BTreeMap<u64, String>>,
     layout: Arc<str>,
+    /// Peers whose last connection attempt failed. Only a change is logged,
+    /// because every shard retries a down peer several times a second.
+    unreachable: Arc<Mutex<BTreeSet<u64>>>,
 }
 
 impl Peers {
@@ -71,6 +75,7 @@ impl Peers {
             client,
             addresses: Arc::new(addresses),
             layout: layout.into(),
+            unreachable: Arc::default(),
         })
     }
 
@@ -123,6 +128,30 @@ impl Peers {
         self.send(node, request).await
     }
 
+    /// Logs when `node` becomes unreachable and when it is reachable again.
+    fn track_reachability<T>(&self, node: u64, sent: &Result<T, CallError>) {
+        let mut unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match sent {
+            Err(CallError::Unreachable { reason, .. }) => {
+                if unreachable.insert(node) {
+                    warn!(node, addr = self.address(node).unwrap_or(""), reason = %reason, "peer unreachable");
+                }
+            }
+            _ => {
+                if unreachable.remove(&node) {
+                    info!(
+                        node,
+                        addr = self.address(node).unwrap_or(""),
+                        "peer reachable again"
+                    );
+                }
+            }
+        }
+    }
+
     fn url(&self, node: u64, path: &str) -> Result<String, CallError> {
         let addr = self.address(node).ok_or_else(|| CallError::Unreachable {
             node,
@@ -136,7 +165,9 @@ impl Peers {
         node: u64,
         request: reqwest::RequestBuilder,
     ) -> Result<Resp, CallError> {
-        let response = request.send().await.map_err(|err| classify(node, &err))?;
+        let sent = request.send().await.map_err(|err| classify(node, &err));
+        self.track_reachability(node, &sent);
+        let response = sent?;
         let status = response.status();
         let body = response.bytes().await.map_err(|err| CallError::NoAnswer {
             node,

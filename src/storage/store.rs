@@ -36,7 +36,7 @@ pub enum StoreError {
     #[error(
         "data directory {path} belongs to a cluster with {stored:?} but this node was started with \
          {requested:?}; members, shard count and replication factor are fixed when a node's data \
-         directory is created, so start with the original NODE_NAME / CLUSTER_NODES or use a new data directory"
+         directory is created, so start with the original NODE_NAME / CLUSTER_NODES (a new data directory is only for a new cluster)"
     )]
     LayoutMismatch {
         path: PathBuf,
