@@ -187,6 +187,43 @@ async fn restarted_node_catches_up_from_a_snapshot() {
     );
 }
 
+/// Every node killed at once and started again: the cluster forms again from
+/// what each node has on disk, with every acknowledged event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_killed_and_restarted_keeps_every_event() {
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(3, &[]));
+    let ids: Vec<String> = (0..6).map(|n| format!("ses-full-restart-{n}")).collect();
+    for (n, id) in ids.iter().enumerate() {
+        let node = cluster.node(1 + n as u64 % 3);
+        create_ok(node, id).await;
+        append_ticks(node, id, 1, 100, 4).await;
+    }
+
+    for node in &mut cluster.nodes {
+        node.kill9();
+    }
+    // No node is ready before a majority of each of its shards runs, so
+    // the nodes start together.
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            for node in &mut cluster.nodes {
+                scope.spawn(move || node.restart());
+            }
+        })
+    });
+
+    for (n, id) in ids.iter().enumerate() {
+        let reader = cluster.node(1 + (n as u64 + 1) % 3);
+        assert_eq!(last_seq(reader, id).await, 100, "{id} after the restart");
+        let seq = append_ok(cluster.node(1 + (n as u64 + 2) % 3), id, common::tick(101)).await;
+        assert_eq!(seq, 101, "{id} continues after the restart");
+        for node in 1..=3 {
+            let frames = tail_collect(cluster.node(node), id, 0, 101, TAIL_TIMEOUT).await;
+            assert_gapless(&frames, 1, 101, &format!("{id} through node{node}"));
+        }
+    }
+}
+
 /// A follower that missed tens of MiB of large events catches up. The
 /// leader must send them in messages small enough to write in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
