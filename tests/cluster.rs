@@ -22,7 +22,14 @@ fn event(n: u64) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_serves_any_request() {
-    let cluster = tokio::task::block_in_place(|| Cluster::start(3, &[]));
+    // A proxy in the environment (port 9 refuses connections) must not
+    // capture peer traffic.
+    let env = [
+        ("HTTP_PROXY", "http://127.0.0.1:9"),
+        ("http_proxy", "http://127.0.0.1:9"),
+        ("ALL_PROXY", "http://127.0.0.1:9"),
+    ];
+    let cluster = tokio::task::block_in_place(|| Cluster::start(3, &env));
     let id = "ses-any-node";
     create_ok(cluster.node(1), id).await;
 

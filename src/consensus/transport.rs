@@ -70,6 +70,9 @@ impl Peers {
             // and forwarded requests open more while busy.
             .pool_max_idle_per_host(64)
             .http1_only()
+            // Peer traffic goes straight to the peer port, whatever proxy
+            // the environment (HTTP_PROXY and friends) names for other HTTP.
+            .no_proxy()
             .build()?;
         Ok(Peers {
             client,
