@@ -13,6 +13,9 @@ if ! command -v curl >/dev/null 2>&1; then
   $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq curl
 fi
 
+# The archive tests need a real Postgres; this starts one for the run.
+source scripts/postgres-for-tests.sh
+
 # Release mode: the integration tests push tens of thousands of events
 # through the server, which a debug build makes several times slower.
 cargo test --release --locked "$@"

@@ -89,12 +89,60 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(100..))]
     pub snapshot_every: u64,
 
+    /// Copies committed events into Postgres in the background. Needs
+    /// DATABASE_URL (or STARCITE_POSTGRES_URL). Off: nothing touches Postgres.
+    #[arg(long, env = "STARCITE_ARCHIVER_ENABLED", default_value_t = false)]
+    pub archiver_enabled: bool,
+
+    /// Postgres connection URL for the archive, e.g.
+    /// postgres://user:password@127.0.0.1:5432/starcite.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Interval between two archive flushes, in milliseconds.
+    #[arg(long, env = "STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub archive_flush_interval_ms: u64,
+
+    /// Events per session written to Postgres in one transaction at most.
+    #[arg(long, env = "STARCITE_ARCHIVE_BATCH_SIZE", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub archive_batch_size: u64,
+
+    /// Postgres connections of the archiver at most.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub db_pool_size: u64,
+
     /// How long shutdown waits for tails to close and appends to finish, in milliseconds.
     #[arg(long, env = "STARCITE_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
 }
 
 impl Settings {
+    /// The archive settings when the archiver is on, or why it cannot run.
+    pub fn archive(&self) -> Result<Option<crate::archive::ArchiveSettings>, String> {
+        if !self.archiver_enabled {
+            return Ok(None);
+        }
+        let url = self
+            .database_url
+            .clone()
+            .or_else(|| std::env::var("STARCITE_POSTGRES_URL").ok())
+            .filter(|url| !url.trim().is_empty())
+            .ok_or_else(|| {
+                "STARCITE_ARCHIVER_ENABLED is set but neither DATABASE_URL nor STARCITE_POSTGRES_URL is; \
+                 set one to the Postgres URL"
+                    .to_string()
+            })?;
+        Ok(Some(crate::archive::ArchiveSettings {
+            database_url: url,
+            flush_interval: Duration::from_millis(self.archive_flush_interval_ms),
+            batch_size: self.archive_batch_size as usize,
+            pool_size: self.db_pool_size as usize,
+        }))
+    }
+
     /// The cluster as configured: the embedded single node unless
     /// CLUSTER_NODES is set.
     pub fn topology(&self) -> Result<crate::cluster::Topology, String> {

@@ -5,6 +5,7 @@
 //! replay a session from a cursor and then follow it live ([`tail`]).
 
 pub mod api;
+pub mod archive;
 pub mod cluster;
 pub mod config;
 pub mod consensus;

@@ -19,6 +19,12 @@ pub const SHARDS_WITHOUT_LEADER: &str = "starcite_raft_shards_without_leader";
 pub const APPLIED_INDEX: &str = "starcite_raft_applied_index";
 pub const LEADER_NODE: &str = "starcite_raft_leader_node";
 pub const FORWARDED: &str = "starcite_cluster_forwarded_total";
+pub const ARCHIVE_ATTEMPTED: &str = "starcite_archive_attempted_total";
+pub const ARCHIVE_INSERTED: &str = "starcite_archive_inserted_total";
+pub const ARCHIVE_BYTES_ATTEMPTED: &str = "starcite_archive_bytes_attempted_total";
+pub const ARCHIVE_BYTES_INSERTED: &str = "starcite_archive_bytes_inserted_total";
+pub const ARCHIVE_FLUSH_MS: &str = "starcite_archive_flush_duration_ms";
+pub const ARCHIVE_PENDING_SESSIONS: &str = "starcite_archive_pending_sessions";
 
 /// Interval of the recorder's upkeep, which drains recorded histogram samples
 /// into their buckets.
@@ -175,6 +181,21 @@ pub fn record_raft_health(shards: &[ShardHealth]) {
         gauge!(APPLIED_INDEX, "shard" => label.clone()).set(shard.applied_index as f64);
         gauge!(LEADER_NODE, "shard" => label).set(shard.leader.unwrap_or(0) as f64);
     }
+}
+
+pub fn record_archive_attempt(rows: usize, bytes: usize) {
+    counter!(ARCHIVE_ATTEMPTED).increment(rows as u64);
+    counter!(ARCHIVE_BYTES_ATTEMPTED).increment(bytes as u64);
+}
+
+pub fn record_archive_inserted(rows: usize, bytes: usize) {
+    counter!(ARCHIVE_INSERTED).increment(rows as u64);
+    counter!(ARCHIVE_BYTES_INSERTED).increment(bytes as u64);
+}
+
+pub fn record_archive_flush(duration: std::time::Duration, pending_sessions: usize) {
+    histogram!(ARCHIVE_FLUSH_MS).record(duration.as_secs_f64() * 1000.0);
+    gauge!(ARCHIVE_PENDING_SESSIONS).set(pending_sessions as f64);
 }
 
 pub fn record_forward(kind: &'static str, result: &'static str) {

@@ -12,10 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{self, ApiSettings, AppState};
+use crate::archive;
 use crate::cluster::{Router, RouterSettings, Topology};
 use crate::config::Settings;
 use crate::consensus::log_store;
 use crate::consensus::transport::Peers;
+use crate::consensus::EventSink;
 use crate::storage::flusher::Flusher;
 use crate::storage::watermark;
 use crate::storage::{Store, StoreSettings};
@@ -31,12 +33,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let topology = Arc::new(settings.topology().map_err(anyhow::Error::msg)?);
+    let archive_settings = settings.archive().map_err(anyhow::Error::msg)?;
     let store = open_store(&settings).await?;
     store.check_layout(&settings.data_dir, &topology.layout())?;
     check_durable_watermark(&settings, &store)?;
     let flusher = Flusher::start(store.clone(), settings.data_dir.clone())
         .context("starting the group commit thread failed")?;
     let hub = LiveHub::new(settings.tail_buffer_events as usize);
+    let pending = archive::Pending::default();
+    let sink: Arc<dyn EventSink> = if archive_settings.is_some() {
+        Arc::new(archive::ArchiveSink {
+            inner: hub.clone(),
+            pending: pending.clone(),
+        })
+    } else {
+        hub.clone()
+    };
 
     let local_addr = listener.local_addr()?;
     if !topology.is_single() {
@@ -65,7 +77,7 @@ pub async fn run(
         peers,
         store.clone(),
         flusher.clone(),
-        hub.clone(),
+        sink,
     )
     .await?;
 
@@ -88,6 +100,22 @@ pub async fn run(
     tokio::spawn(sample_raft_health(state.clone(), token.clone()));
     tokio::spawn(cancel_on(shutdown, token.clone()));
 
+    let archiver = match archive_settings {
+        Some(archive_settings) => {
+            let leads_state = state.clone();
+            let leads: archive::LeadsSession =
+                Arc::new(move |session_id: &str| leads_state.router().leads_session(session_id));
+            Some(archive::Archiver::start(
+                archive_settings,
+                store.clone(),
+                pending,
+                leads,
+                token.clone(),
+            )?)
+        }
+        None => None,
+    };
+
     // The peer port outlives the public one: while this node drains, its
     // shards still exchange Raft messages to commit in-flight appends.
     let peer_token = CancellationToken::new();
@@ -107,6 +135,14 @@ pub async fn run(
     info!("stopped accepting requests; in-flight requests finished");
 
     drain(&state, &settings).await;
+    if let Some(archiver) = archiver {
+        if tokio::time::timeout(settings.shutdown_timeout(), archiver)
+            .await
+            .is_err()
+        {
+            warn!("the archiver did not stop in time");
+        }
+    }
     peer_token.cancel();
     if let Some(server) = peer_server {
         if tokio::time::timeout(settings.shutdown_timeout(), server)

@@ -138,6 +138,11 @@ impl Router {
         self.route_of(session_id).read_header(session_id).await
     }
 
+    /// Returns whether this node leads the session's shard.
+    pub fn leads_session(&self, session_id: &str) -> bool {
+        self.route_of(session_id).leads()
+    }
+
     /// Returns whether this node hosts a replica of the session's shard, so
     /// that tails can be served from its own store.
     pub fn hosts_session(&self, session_id: &str) -> bool {

@@ -1,0 +1,282 @@
+//! The Postgres archive against a real Postgres, which `scripts/test.sh`
+//! starts on loopback. Each test gets its own database.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{append_ok, create_ok, tail_collect, Server};
+use serde_json::{json, Value};
+use tokio_postgres::{Client, NoTls};
+
+/// Tests that stop Postgres must not overlap with the others.
+static POSTGRES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn admin_url() -> String {
+    std::env::var("STARCITE_TEST_POSTGRES_URL").expect(
+        "STARCITE_TEST_POSTGRES_URL is not set; run the suite with scripts/test.sh, which starts Postgres",
+    )
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|err| panic!("connecting to {url} failed: {err}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// Creates an empty database and returns its URL.
+async fn fresh_database(label: &str) -> String {
+    let admin = admin_url();
+    let name = format!("starcite_{label}_{}", std::process::id());
+    let client = connect(&admin).await;
+    for statement in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        client
+            .batch_execute(&statement)
+            .await
+            .unwrap_or_else(|err| panic!("{statement} failed: {err}"));
+    }
+    let base = admin.rsplit_once('/').expect("URL has a database").0;
+    format!("{base}/{name}")
+}
+
+fn archive_env(url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("STARCITE_ARCHIVER_ENABLED", "true".to_string()),
+        ("DATABASE_URL", url.to_string()),
+        ("STARCITE_ARCHIVE_FLUSH_INTERVAL_MS", "100".to_string()),
+    ]
+}
+
+fn start(dir: &std::path::Path, env: &[(&'static str, String)]) -> Server {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start_with(dir, &env)
+}
+
+/// Waits until the archive holds `count` events of `session`.
+async fn wait_for_rows(client: &Client, session: &str, count: i64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM events WHERE session_id = $1",
+                &[&session],
+            )
+            .await;
+        if let Ok(row) = row {
+            let found: i64 = row.get(0);
+            if found == count {
+                return;
+            }
+            assert!(
+                found < count,
+                "{found} rows archived for {session}, expected {count}"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{session}: fewer than {count} rows within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn event(n: u64) -> Value {
+    let mut event = json!({
+        "type": if n.is_multiple_of(2) { "even" } else { "odd" },
+        "payload": {"n": n, "text": format!("event {n}"), "nested": {"list": [n, null, true]}},
+        "actor": "agent:archiver",
+    });
+    if n.is_multiple_of(3) {
+        event["source"] = json!("agent");
+        event["metadata"] = json!({"role": "worker", "n": n});
+        event["refs"] = json!({"to_seq": n - 1, "request_id": format!("req_{n}")});
+        event["idempotency_key"] = json!(format!("key-{n}"));
+    }
+    event
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_rows_equal_what_tails_deliver() {
+    let _serial = POSTGRES.lock().await;
+    let url = fresh_database("rows").await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = tokio::task::block_in_place(|| start(dir.path(), &archive_env(&url)));
+    let session = "ses-archive-rows";
+    create_ok(&server, session).await;
+    for n in 1..=150 {
+        append_ok(&server, session, event(n)).await;
+    }
+
+    let client = connect(&url).await;
+    wait_for_rows(&client, session, 150, Duration::from_secs(30)).await;
+    let frames = tail_collect(&server, session, 0, 150, Duration::from_secs(30)).await;
+    for frame in &frames {
+        let seq = frame["seq"].as_i64().unwrap();
+        let row = client
+            .query_one(
+                "SELECT type, payload, actor, source, metadata, refs, idempotency_key,
+                        inserted_at = $3::text::timestamptz
+                 FROM events WHERE session_id = $1 AND seq = $2",
+                &[&session, &seq, &frame["inserted_at"].as_str().unwrap()],
+            )
+            .await
+            .unwrap_or_else(|err| panic!("row {seq} missing: {err}"));
+        let columns = json!({
+            "type": row.get::<_, String>(0),
+            "payload": row.get::<_, Value>(1),
+            "actor": row.get::<_, String>(2),
+            "source": row.get::<_, Option<String>>(3),
+            "metadata": row.get::<_, Value>(4),
+            "refs": row.get::<_, Value>(5),
+            "idempotency_key": row.get::<_, Option<String>>(6),
+        });
+        let expected = json!({
+            "type": frame["type"], "payload": frame["payload"], "actor": frame["actor"],
+            "source": frame["source"], "metadata": frame["metadata"], "refs": frame["refs"],
+            "idempotency_key": frame["idempotency_key"],
+        });
+        assert_eq!(columns, expected, "row {seq} differs from the tail frame");
+        assert!(
+            row.get::<_, bool>(7),
+            "row {seq} has another inserted_at than {}",
+            frame["inserted_at"]
+        );
+    }
+
+    let header = client
+        .query_one(
+            "SELECT archived_seq, title FROM sessions WHERE id = $1",
+            &[&session],
+        )
+        .await
+        .expect("session row missing");
+    assert_eq!(header.get::<_, i64>(0), 150, "archived_seq");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_mid_run_loses_nothing() {
+    let _serial = POSTGRES.lock().await;
+    let url = fresh_database("outage").await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = tokio::task::block_in_place(|| start(dir.path(), &archive_env(&url)));
+    let session = "ses-archive-outage";
+    create_ok(&server, session).await;
+    for n in 1..=50 {
+        append_ok(&server, session, event(n)).await;
+    }
+    let client = connect(&url).await;
+    wait_for_rows(&client, session, 50, Duration::from_secs(30)).await;
+    drop(client);
+
+    run(&std::env::var("STARCITE_TEST_PG_STOP").expect("STARCITE_TEST_PG_STOP"));
+    // Appends go on while Postgres is down, without waiting for it.
+    let started = Instant::now();
+    for n in 51..=100 {
+        append_ok(&server, session, event(n)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "appends waited for Postgres: 50 took {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    run(&std::env::var("STARCITE_TEST_PG_START").expect("STARCITE_TEST_PG_START"));
+
+    let client = connect(&url).await;
+    wait_for_rows(&client, session, 100, Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_the_archive_on_archives_everything_once() {
+    let _serial = POSTGRES.lock().await;
+    let url = fresh_database("restart").await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = archive_env(&url);
+    let mut server = tokio::task::block_in_place(|| start(dir.path(), &env));
+    let session = "ses-archive-restart";
+    create_ok(&server, session).await;
+    for n in 1..=40 {
+        append_ok(&server, session, event(n)).await;
+    }
+    // A kill before the flush leaves events to archive after the restart.
+    server.kill9();
+    tokio::task::block_in_place(|| server.restart());
+    for n in 41..=80 {
+        append_ok(&server, session, event(n)).await;
+    }
+    let client = connect(&url).await;
+    wait_for_rows(&client, session, 80, Duration::from_secs(30)).await;
+}
+
+fn run(script: &str) {
+    let status = std::process::Command::new(script)
+        .status()
+        .unwrap_or_else(|err| panic!("running {script} failed: {err}"));
+    assert!(status.success(), "{script} failed: {status}");
+}
+
+/// The leader of a session's shard dies while the cluster archives: the new
+/// leader takes over, and the archive ends with every event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_change_while_archiving_leaves_no_gap() {
+    let _serial = POSTGRES.lock().await;
+    let url = fresh_database("cluster").await;
+    let env = archive_env(&url);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut cluster = tokio::task::block_in_place(|| common::cluster::Cluster::start(3, &env));
+    let session = "ses-archive-cluster";
+    create_ok(cluster.node(1), session).await;
+
+    let leader = cluster.leader_of(session, 8, Duration::from_secs(10)).await;
+    let survivor = (1..=3u64).find(|node| *node != leader).expect("a survivor");
+    let addr = cluster.node(survivor).addr.to_string();
+    let client = reqwest::Client::new();
+    let append = |n: u64| {
+        let client = client.clone();
+        let addr = addr.clone();
+        async move {
+            let mut body = event(n);
+            body["idempotency_key"] = json!(format!("cluster-{n}"));
+            let (status, response) = common::cluster::append_retrying(
+                &client,
+                &addr,
+                session,
+                &body,
+                Duration::from_secs(30),
+            )
+            .await;
+            assert_eq!(status, 201, "append {n}: {response}");
+        }
+    };
+    for n in 1..=100 {
+        append(n).await;
+    }
+    cluster.node_mut(leader).kill9();
+    for n in 101..=200 {
+        append(n).await;
+    }
+
+    let db = connect(&url).await;
+    wait_for_rows(&db, session, 200, Duration::from_secs(60)).await;
+    let row = db
+        .query_one(
+            "SELECT count(DISTINCT seq), min(seq), max(seq) FROM events WHERE session_id = $1",
+            &[&session],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2)
+        ),
+        (200, 1, 200),
+        "the archive must hold seqs 1 to 200 once each"
+    );
+}
