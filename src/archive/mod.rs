@@ -318,6 +318,13 @@ impl Archiver {
             .last_seq
             .min(archived.saturating_add(self.settings.batch_size as u64));
         let rows = self.read_events(session_id, archived + 1, upto)?;
+        let expected = upto.saturating_sub(archived) as usize;
+        if rows.len() != expected {
+            return Err(ArchiveError::Store(format!(
+                "session {session_id:?} has {} of the {expected} events after seq {archived} in the local store",
+                rows.len()
+            )));
+        }
         let bytes: usize = rows.iter().map(|row| row.bytes).sum();
         crate::metrics::record_archive_attempt(rows.len(), bytes);
 
