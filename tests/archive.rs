@@ -57,7 +57,7 @@ fn start(dir: &std::path::Path, env: &[(&'static str, String)]) -> Server {
     Server::start_with(dir, &env)
 }
 
-/// Waits until the archive holds `count` events of `session`.
+/// Waits until the archive contains `count` events of `session`.
 async fn wait_for_rows(client: &Client, session: &str, count: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {

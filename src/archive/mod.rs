@@ -281,14 +281,14 @@ impl Archiver {
             }
         };
 
-        let mut kept = 0;
+        let mut still_pending = 0;
         for (session_id, seq) in followed {
             if archived.get(&session_id).copied().unwrap_or(0) < seq {
                 self.pending.mark(&session_id, seq);
-                kept += 1;
+                still_pending += 1;
             }
         }
-        kept
+        still_pending
     }
 
     /// Copies the next batch of a session's unarchived events. Returns
