@@ -25,6 +25,8 @@ pub const ARCHIVE_BYTES_ATTEMPTED: &str = "starcite_archive_bytes_attempted_tota
 pub const ARCHIVE_BYTES_INSERTED: &str = "starcite_archive_bytes_inserted_total";
 pub const ARCHIVE_FLUSH_MS: &str = "starcite_archive_flush_duration_ms";
 pub const ARCHIVE_PENDING_SESSIONS: &str = "starcite_archive_pending_sessions";
+pub const ARCHIVE_PENDING_ROWS: &str = "starcite_archive_pending_rows";
+pub const ARCHIVE_LAG: &str = "starcite_archive_lag";
 
 /// Interval of the recorder's upkeep, which drains recorded histogram samples
 /// into their buckets.
@@ -193,9 +195,18 @@ pub fn record_archive_inserted(rows: usize, bytes: usize) {
     counter!(ARCHIVE_BYTES_INSERTED).increment(bytes as u64);
 }
 
-pub fn record_archive_flush(duration: std::time::Duration, pending_sessions: usize) {
+/// Records one archive flush: its duration and what it left pending (the
+/// rows of the sessions this node archives, and the most of one session).
+pub fn record_archive_flush(
+    duration: std::time::Duration,
+    pending_sessions: usize,
+    pending_rows: u64,
+    lag: u64,
+) {
     histogram!(ARCHIVE_FLUSH_MS).record(duration.as_secs_f64() * 1000.0);
     gauge!(ARCHIVE_PENDING_SESSIONS).set(pending_sessions as f64);
+    gauge!(ARCHIVE_PENDING_ROWS).set(pending_rows as f64);
+    gauge!(ARCHIVE_LAG).set(lag as f64);
 }
 
 pub fn record_forward(kind: &'static str, result: &'static str) {

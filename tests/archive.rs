@@ -184,11 +184,27 @@ async fn postgres_down_mid_run_loses_nothing() {
         "appends waited for Postgres: 50 took {:?}",
         started.elapsed()
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = common::metrics_text(&server).await;
+    assert_eq!(
+        common::metric_sum(&metrics, "starcite_archive_pending_rows"),
+        Some(50.0),
+        "the 50 events appended during the outage are reported pending"
+    );
+    assert_eq!(common::metric_sum(&metrics, "starcite_archive_lag"), Some(50.0));
     run(&std::env::var("STARCITE_TEST_PG_START").expect("STARCITE_TEST_PG_START"));
 
     let client = connect(&url).await;
     wait_for_rows(&client, session, 100, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = common::metrics_text(&server).await;
+        if common::metric_sum(&metrics, "starcite_archive_pending_rows") == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pending rows never went back to 0:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

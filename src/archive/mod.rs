@@ -220,7 +220,7 @@ impl Archiver {
         let started = Instant::now();
         let pending = self.pending.take();
         let mut result = Ok(());
-        let mut remaining = 0usize;
+        let mut backlog = Backlog::default();
         let mut followed = Vec::new();
         for (session_id, seq) in &pending {
             if !(self.leads)(session_id) {
@@ -229,25 +229,36 @@ impl Archiver {
             }
             if result.is_err() {
                 self.pending.mark(session_id, *seq);
-                remaining += 1;
+                backlog.add(self.estimate_left(session_id, *seq));
                 continue;
             }
             match self.archive_session(session_id).await {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(0) => {}
+                Ok(left) => {
                     self.pending.mark(session_id, *seq);
-                    remaining += 1;
+                    backlog.add(left);
                 }
                 Err(err) => {
                     self.pending.mark(session_id, *seq);
-                    remaining += 1;
+                    backlog.add(self.estimate_left(session_id, *seq));
                     result = Err(err);
                 }
             }
         }
-        remaining += self.keep_unarchived(followed).await;
-        crate::metrics::record_archive_flush(started.elapsed(), remaining);
+        backlog.sessions += self.keep_unarchived(followed).await;
+        crate::metrics::record_archive_flush(
+            started.elapsed(),
+            backlog.sessions,
+            backlog.rows,
+            backlog.largest,
+        );
         result
+    }
+
+    /// Events of a session not archived yet, as far as this node knows
+    /// without asking Postgres.
+    fn estimate_left(&self, session_id: &str, applied: u64) -> u64 {
+        applied.saturating_sub(self.archived.get(session_id).copied().unwrap_or(0))
     }
 
     /// Keeps pending the sessions another node leads until their leader has
@@ -291,13 +302,13 @@ impl Archiver {
         still_pending
     }
 
-    /// Copies the next batch of a session's unarchived events. Returns
-    /// whether the session is now fully archived.
-    async fn archive_session(&mut self, session_id: &str) -> Result<bool, ArchiveError> {
+    /// Copies the next batch of a session's unarchived events. Returns how
+    /// many of its events are still not archived (0 when it is complete).
+    async fn archive_session(&mut self, session_id: &str) -> Result<u64, ArchiveError> {
         let header = read_header(&self.store, session_id)
             .map_err(|err| ArchiveError::Store(err.to_string()))?;
         let Some(header) = header else {
-            return Ok(true);
+            return Ok(0);
         };
 
         let mut client = self.pool.get().await?;
@@ -364,7 +375,7 @@ impl Archiver {
             inserted,
             "events archived"
         );
-        Ok(upto >= header.last_seq)
+        Ok(header.last_seq.saturating_sub(upto))
     }
 
     /// Reads events `from..=to` of a session from the local store.
@@ -387,6 +398,23 @@ impl Archiver {
             rows.push(Row::from_frame(seq, value, frame.len()));
         }
         Ok(rows)
+    }
+}
+
+/// Unarchived events after a flush, over the sessions this node archives.
+#[derive(Default)]
+struct Backlog {
+    sessions: usize,
+    rows: u64,
+    /// Unarchived events of the session furthest behind.
+    largest: u64,
+}
+
+impl Backlog {
+    fn add(&mut self, rows: u64) {
+        self.sessions += 1;
+        self.rows += rows;
+        self.largest = self.largest.max(rows);
     }
 }
 
