@@ -10,6 +10,8 @@ pg_bin_dir() {
   ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
 }
 
+# NOTE: the install branch has not run yet: every machine it was tried on
+# already had the package.
 if [[ ! -x "$(pg_bin_dir)/initdb" ]]; then
   echo "no Postgres server found; installing it from Debian's packages"
   sudo_cmd=""

@@ -120,7 +120,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The archive settings when the archiver is on, or why it cannot run.
+    /// Returns the archive settings when the archiver is on, or why it cannot run.
     pub fn archive(&self) -> Result<Option<crate::archive::ArchiveSettings>, String> {
         if !self.archiver_enabled {
             return Ok(None);
@@ -143,7 +143,7 @@ impl Settings {
         }))
     }
 
-    /// The cluster as configured: the embedded single node unless
+    /// Returns the cluster as configured: the embedded single node unless
     /// CLUSTER_NODES is set.
     pub fn topology(&self) -> Result<crate::cluster::Topology, String> {
         use crate::cluster::Topology;

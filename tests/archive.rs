@@ -191,7 +191,10 @@ async fn postgres_down_mid_run_loses_nothing() {
         Some(50.0),
         "the 50 events appended during the outage are reported pending"
     );
-    assert_eq!(common::metric_sum(&metrics, "starcite_archive_lag"), Some(50.0));
+    assert_eq!(
+        common::metric_sum(&metrics, "starcite_archive_lag"),
+        Some(50.0)
+    );
     run(&std::env::var("STARCITE_TEST_PG_START").expect("STARCITE_TEST_PG_START"));
 
     let client = connect(&url).await;
@@ -202,7 +205,10 @@ async fn postgres_down_mid_run_loses_nothing() {
         if common::metric_sum(&metrics, "starcite_archive_pending_rows") == Some(0.0) {
             break;
         }
-        assert!(Instant::now() < deadline, "pending rows never went back to 0:\n{metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "pending rows never went back to 0:\n{metrics}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

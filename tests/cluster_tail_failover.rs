@@ -13,7 +13,7 @@ const SHARDS: u32 = 8;
 const EVENTS: u64 = 3_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tail_resumes_on_another_node_after_its_node_dies() {
+async fn tail_resumes_on_another_node() {
     let mut cluster = tokio::task::block_in_place(|| Cluster::start(3, &[]));
     let id = "ses-tail-failover";
     create_ok(cluster.node(1), id).await;

@@ -14,7 +14,7 @@ pub async fn live() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: storage is recovered and every shard this node holds has a leader.
+/// Reports readiness: storage is recovered and every shard this node hosts has a leader.
 pub async fn ready(State(state): State<AppState>) -> Response {
     match state.readiness_problem() {
         None => Json(json!({"status": "ok"})).into_response(),

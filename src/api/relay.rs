@@ -203,6 +203,8 @@ impl Relay<'_> {
                     if self.last_inbound.elapsed() > settings.tail_ping_interval * 2 {
                         return Ending::Close(GOING_AWAY, "no pong received".to_string());
                     }
+                    // NOTE: no test silences a replica without closing its
+                    // socket, so this reconnect has only been checked by reading.
                     if self.last_upstream.elapsed() > settings.tail_ping_interval * 3 {
                         return Ending::Lost("the replica sent nothing for three ping intervals".to_string());
                     }

@@ -107,7 +107,7 @@ impl AppState {
     }
 
     /// Returns why the node is not ready, or `None` when it is: it must be
-    /// available and every shard it holds must have a leader. A request for
+    /// available and every shard it hosts must have a leader. A request for
     /// one shard does not wait on the others, so this is stricter than
     /// [`AppState::unavailable_reason`].
     pub fn readiness_problem(&self) -> Option<String> {

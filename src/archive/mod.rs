@@ -47,9 +47,7 @@ impl Pending {
     }
 
     fn mark(&self, session_id: &str, seq: u64) {
-        let mut pending = self.lock();
-        let entry = pending.entry(session_id.to_string()).or_insert(0);
-        *entry = (*entry).max(seq);
+        raise(&mut self.lock(), session_id, seq);
     }
 
     fn take(&self) -> HashMap<String, u64> {
@@ -66,10 +64,24 @@ pub struct ArchiveSink {
 
 impl EventSink for ArchiveSink {
     fn publish(&self, events: Vec<AppliedEvent>) {
-        for event in &events {
-            self.pending.mark(&event.session_id, event.seq);
+        // One lock per applied batch: this runs on the apply path.
+        {
+            let mut pending = self.pending.lock();
+            for event in &events {
+                raise(&mut pending, &event.session_id, event.seq);
+            }
         }
         self.inner.publish(events);
+    }
+}
+
+/// Raises a session's pending seq, allocating its id only the first time.
+fn raise(pending: &mut HashMap<String, u64>, session_id: &str, seq: u64) {
+    match pending.get_mut(session_id) {
+        Some(highest) => *highest = (*highest).max(seq),
+        None => {
+            pending.insert(session_id.to_string(), seq);
+        }
     }
 }
 
@@ -255,8 +267,8 @@ impl Archiver {
         result
     }
 
-    /// Events of a session not archived yet, as far as this node knows
-    /// without asking Postgres.
+    /// Estimates the events of a session not archived yet from this node's
+    /// own record, without a query to Postgres.
     fn estimate_left(&self, session_id: &str, applied: u64) -> u64 {
         applied.saturating_sub(self.archived.get(session_id).copied().unwrap_or(0))
     }

@@ -68,18 +68,13 @@ impl StateMachine {
         }
     }
 
-    fn shard_count(&self) -> Result<u32, StorageError<u64>> {
-        self.store
-            .shard_count()
-            .map_err(|err| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, err))
-    }
-
     /// Builds the shard's full image at the applied point, with that point
     /// as its log id. openraft runs this between two applies of the shard,
     /// so its state does not move during the scan.
     async fn current_image(&self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
         let state = self.read_applied()?;
-        let (store, shard, shard_count) = (self.store.clone(), self.shard, self.shard_count()?);
+        let (store, shard, shard_count) =
+            (self.store.clone(), self.shard, self.store.shard_count());
         // The scan runs off the async runtime's threads, which serve requests.
         let (bytes, sessions, events) = tokio::task::spawn_blocking(move || {
             let image = snapshot::build(&store, shard, shard_count)?;
@@ -344,7 +339,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot::replace(
             &self.store,
             self.shard,
-            self.shard_count()?,
+            self.store.shard_count(),
             &image,
             &mut batch,
         )?;

@@ -181,6 +181,8 @@ impl Peers {
             // Only these statuses come from checks the peer port makes before
             // it touches a shard. Any other (a 500 after the work, a proxy's
             // 502 or 504) may follow a request that was carried out.
+            // NOTE: no test has a peer or proxy return a 5xx; this branch has
+            // only been checked by reading.
             let rejected_before_work = matches!(status.as_u16(), 400 | 404 | 409 | 413);
             if !rejected_before_work {
                 return Err(CallError::NoAnswer {

@@ -142,8 +142,8 @@ impl Store {
     }
 
     /// Shard count of this data directory.
-    pub fn shard_count(&self) -> Result<u32, StoreError> {
-        Ok(self.shards)
+    pub fn shard_count(&self) -> u32 {
+        self.shards
     }
 
     /// Records `layout` (the cluster's members, shard count and replication

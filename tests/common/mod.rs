@@ -125,7 +125,7 @@ impl Server {
         &self.client
     }
 
-    /// Whether the process is running (not killed or stopped by the test).
+    /// Returns whether the process is running (not killed or stopped by the test).
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
