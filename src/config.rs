@@ -109,7 +109,16 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub archive_batch_size: u64,
 
-    /// Postgres connections of the archiver at most.
+    /// Newest events of each session kept in the local store once archived;
+    /// older ones are deleted there and read back from Postgres by tails
+    /// that start before them. Applies only with the archive on. The minimum
+    /// is 1, because a replica that installs a snapshot wakes its open
+    /// tails with each session's newest local event.
+    #[arg(long, env = "STARCITE_TAIL_KEEP", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub tail_keep: u64,
+
+    /// Postgres connections of the archive at most (archiver and cold reads).
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 4,
           value_parser = clap::value_parser!(u64).range(1..=256))]
     pub db_pool_size: u64,
@@ -140,6 +149,7 @@ impl Settings {
             flush_interval: Duration::from_millis(self.archive_flush_interval_ms),
             batch_size: self.archive_batch_size as usize,
             pool_size: self.db_pool_size as usize,
+            tail_keep: self.tail_keep,
         }))
     }
 

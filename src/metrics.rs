@@ -27,6 +27,8 @@ pub const ARCHIVE_FLUSH_MS: &str = "starcite_archive_flush_duration_ms";
 pub const ARCHIVE_PENDING_SESSIONS: &str = "starcite_archive_pending_sessions";
 pub const ARCHIVE_PENDING_ROWS: &str = "starcite_archive_pending_rows";
 pub const ARCHIVE_LAG: &str = "starcite_archive_lag";
+pub const ARCHIVE_TAIL_SIZE: &str = "starcite_archive_tail_size";
+pub const ARCHIVE_TRIMMED: &str = "starcite_archive_trimmed_total";
 
 /// Interval of the recorder's upkeep, which drains recorded histogram samples
 /// into their buckets.
@@ -119,6 +121,54 @@ fn describe() {
         LEADER_NODE,
         "Node id of each hosted shard's current leader; 0 while it has none."
     );
+    describe_archive();
+}
+
+/// Describes the archive's series, which exist only while the archive is on.
+fn describe_archive() {
+    describe_counter!(
+        ARCHIVE_ATTEMPTED,
+        "Events this node sent to the Postgres archive, repeats included."
+    );
+    describe_counter!(
+        ARCHIVE_INSERTED,
+        "Events the Postgres archive took as new rows."
+    );
+    describe_counter!(
+        ARCHIVE_BYTES_ATTEMPTED,
+        Unit::Bytes,
+        "Frame bytes of the events sent to the Postgres archive."
+    );
+    describe_counter!(
+        ARCHIVE_BYTES_INSERTED,
+        Unit::Bytes,
+        "Frame bytes of the events the Postgres archive took as new rows."
+    );
+    describe_histogram!(
+        ARCHIVE_FLUSH_MS,
+        Unit::Milliseconds,
+        "Duration of one archive flush."
+    );
+    describe_gauge!(
+        ARCHIVE_PENDING_SESSIONS,
+        "Sessions with events not yet archived, after the last flush."
+    );
+    describe_gauge!(
+        ARCHIVE_PENDING_ROWS,
+        "Events not yet archived of the sessions this node archives, after the last flush."
+    );
+    describe_gauge!(
+        ARCHIVE_LAG,
+        "Events not yet archived of the session furthest behind, after the last flush."
+    );
+    describe_gauge!(
+        ARCHIVE_TAIL_SIZE,
+        "Events kept in this node's local store (the hot tier), over all sessions."
+    );
+    describe_counter!(
+        ARCHIVE_TRIMMED,
+        "Archived events deleted from this node's local store."
+    );
 }
 
 /// Runs the recorder's upkeep every few seconds for the life of the process.
@@ -207,6 +257,15 @@ pub fn record_archive_flush(
     gauge!(ARCHIVE_PENDING_SESSIONS).set(pending_sessions as f64);
     gauge!(ARCHIVE_PENDING_ROWS).set(pending_rows as f64);
     gauge!(ARCHIVE_LAG).set(lag as f64);
+}
+
+pub fn record_archive_trimmed(events: u64) {
+    counter!(ARCHIVE_TRIMMED).increment(events);
+}
+
+pub fn record_archive_tail_size(events: u64) {
+    gauge!(ARCHIVE_TAIL_SIZE).set(events as f64);
+    counter!(ARCHIVE_TRIMMED).increment(0);
 }
 
 pub fn record_forward(kind: &'static str, result: &'static str) {

@@ -41,14 +41,19 @@ pub async fn run(
         .context("starting the group commit thread failed")?;
     let hub = LiveHub::new(settings.tail_buffer_events as usize);
     let pending = archive::Pending::default();
-    let sink: Arc<dyn EventSink> = if archive_settings.is_some() {
-        Arc::new(archive::ArchiveSink {
-            inner: hub.clone(),
-            pending: pending.clone(),
-        })
-    } else {
-        hub.clone()
+    let (sink, hot): (Arc<dyn EventSink>, _) = match &archive_settings {
+        Some(_) => {
+            let hot = queue_stored_sessions(&store, &pending).await?;
+            let sink = archive::ArchiveSink {
+                inner: hub.clone(),
+                pending: pending.clone(),
+                hot: hot.clone(),
+            };
+            (Arc::new(sink), Some(hot))
+        }
+        None => (hub.clone(), None),
     };
+    let archive_pool = archive_settings.as_ref().map(archive::pool).transpose()?;
 
     let local_addr = listener.local_addr()?;
     if !topology.is_single() {
@@ -71,15 +76,17 @@ pub async fn run(
     let router_settings = RouterSettings {
         snapshot_every: settings.snapshot_every,
     };
-    let router = Router::start(
-        &router_settings,
-        topology.clone(),
-        peers,
-        store.clone(),
-        flusher.clone(),
-        sink,
-    )
-    .await?;
+    let router = Arc::new(
+        Router::start(
+            &router_settings,
+            topology.clone(),
+            peers,
+            store.clone(),
+            flusher.clone(),
+            sink,
+        )
+        .await?,
+    );
 
     let token = CancellationToken::new();
     let api_settings = ApiSettings {
@@ -90,6 +97,7 @@ pub async fn run(
     let state = AppState::new(
         router,
         store.clone(),
+        archive_pool.clone().map(archive::ColdReader::new),
         hub,
         api_settings,
         metrics,
@@ -100,20 +108,19 @@ pub async fn run(
     tokio::spawn(sample_raft_health(state.clone(), token.clone()));
     tokio::spawn(cancel_on(shutdown, token.clone()));
 
-    let archiver = match archive_settings {
-        Some(archive_settings) => {
-            let leads_state = state.clone();
-            let leads: archive::LeadsSession =
-                Arc::new(move |session_id: &str| leads_state.router().leads_session(session_id));
-            Some(archive::Archiver::start(
-                archive_settings,
-                store.clone(),
+    let archiver = match (archive_settings, archive_pool, hot) {
+        (Some(archive_settings), Some(pool), Some(hot)) => {
+            let parts = archive::ArchiverParts {
+                settings: archive_settings,
+                store: store.clone(),
                 pending,
-                leads,
-                token.clone(),
-            )?)
+                router: state.router_handle(),
+                pool,
+                hot,
+            };
+            Some(archive::Archiver::start(parts, token.clone()))
         }
-        None => None,
+        _ => None,
     };
 
     // The peer port outlives the public one: while this node drains, its
@@ -156,6 +163,31 @@ pub async fn run(
     store.persist().context("final fsync failed")?;
     info!("shutdown complete");
     Ok(())
+}
+
+/// Queues every stored session for the archiver, so that events applied
+/// before this start and not archived yet are archived too, and counts the
+/// events of the local store. Runs before the Raft groups start, so no
+/// apply changes the store meanwhile.
+async fn queue_stored_sessions(
+    store: &Store,
+    pending: &archive::Pending,
+) -> anyhow::Result<archive::HotEvents> {
+    let started = std::time::Instant::now();
+    let scan_store = store.clone();
+    let stored = tokio::task::spawn_blocking(move || archive::scan(&scan_store))
+        .await
+        .context("scanning the stored sessions for the archive failed")?;
+    for (session_id, last_seq) in &stored.sessions {
+        pending.mark(session_id, *last_seq);
+    }
+    info!(
+        sessions = stored.sessions.len(),
+        hot_events = stored.hot.total(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "stored sessions queued for archiving"
+    );
+    Ok(stored.hot)
 }
 
 /// Binds this node's peer port: the port of its own CLUSTER_NODES entry, on

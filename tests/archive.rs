@@ -244,11 +244,13 @@ fn run(script: &str) {
 
 /// The leader of a session's shard dies while the cluster archives: the new
 /// leader takes over, and the archive ends with every event exactly once.
+/// Every replica, the restarted one too, trims the same events and serves
+/// the whole history from cursor 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_change_while_archiving_leaves_no_gap() {
     let _serial = POSTGRES.lock().await;
     let url = fresh_database("cluster").await;
-    let env = archive_env(&url);
+    let env = trim_env(&url, 10);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut cluster = tokio::task::block_in_place(|| common::cluster::Cluster::start(3, &env));
     let session = "ses-archive-cluster";
@@ -301,4 +303,213 @@ async fn leader_change_while_archiving_leaves_no_gap() {
         (200, 1, 200),
         "the archive must hold seqs 1 to 200 once each"
     );
+
+    tokio::task::block_in_place(|| cluster.node_mut(leader).restart());
+    for node in 1..=3u64 {
+        // Trims reach a replica through the shard's log, so every one of
+        // them ends at the same frontier: all but the newest 10 of 200.
+        let server = cluster.node(node);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let tail_size = common::metric_sum(
+                &common::metrics_text(server).await,
+                "starcite_archive_tail_size",
+            );
+            if tail_size == Some(10.0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} keeps {tail_size:?} events locally, expected 10"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let frames = tail_collect(server, session, 0, 200, Duration::from_secs(30)).await;
+        common::assert_gapless(&frames, 1, 200, &format!("tail from 0 on node {node}"));
+    }
+}
+
+/// Builds the event at `n`, with U+0000 in every 25th. Postgres cannot
+/// store it in `jsonb` or `text`, so those are archived with their frame.
+fn event_with_nul(n: u64) -> Value {
+    let mut body = event(n);
+    if n.is_multiple_of(25) {
+        body["payload"]["text"] = json!(format!("nul \u{0} inside {n}"));
+        body["metadata"] = json!({"key\u{0}": "value\u{0}"});
+    }
+    body
+}
+
+fn trim_env(url: &str, tail_keep: u64) -> Vec<(&'static str, String)> {
+    let mut env = archive_env(url);
+    env.push(("STARCITE_TAIL_KEEP", tail_keep.to_string()));
+    env
+}
+
+/// Waits until the node's metric `name` reaches `value`.
+async fn wait_for_metric(server: &Server, name: &str, value: f64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let metrics = common::metrics_text(server).await;
+        let found = common::metric_sum(&metrics, name);
+        if found == Some(value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {found:?}, expected {value} within {timeout:?}:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// History written before the archive was on is archived after a restart
+/// with it, and the local store keeps only the newest `STARCITE_TAIL_KEEP`
+/// events. Tails from any cursor get every event once and in order, and
+/// the archived ones equal what the local store served before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_history_is_tailed_across_the_seam() {
+    let _serial = POSTGRES.lock().await;
+    let url = fresh_database("trim").await;
+    let dir = tempfile::tempdir().unwrap();
+    let session = "ses-archive-trim";
+
+    // Written and read with the archive off: the reference frames.
+    let mut server = tokio::task::block_in_place(|| Server::start_with(dir.path(), &[]));
+    create_ok(&server, session).await;
+    for n in 1..=200 {
+        append_ok(&server, session, event_with_nul(n)).await;
+    }
+    let reference = tail_collect(&server, session, 0, 200, Duration::from_secs(30)).await;
+    assert_eq!(server.sigterm().code(), Some(0));
+    drop(server);
+
+    let mut server = tokio::task::block_in_place(|| start(dir.path(), &trim_env(&url, 20)));
+    wait_for_metric(
+        &server,
+        "starcite_archive_trimmed_total",
+        180.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_for_metric(
+        &server,
+        "starcite_archive_tail_size",
+        20.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let client = connect(&url).await;
+    let with_frame: i64 = client
+        .query_one(
+            "SELECT count(*) FROM events WHERE session_id = $1 AND frame IS NOT NULL",
+            &[&session],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        with_frame, 8,
+        "only the events with U+0000 keep their frame"
+    );
+
+    // From the start, into the seam from just before it, and from the
+    // frontier itself (seq 181 is the first one still local).
+    for cursor in [0, 1, 150, 179, 180, 181] {
+        let frames = tail_collect(&server, session, cursor, 200, Duration::from_secs(30)).await;
+        let context = format!("tail from cursor {cursor}");
+        common::assert_gapless(&frames, cursor + 1, 200, &context);
+        assert_eq!(
+            frames[..],
+            reference[cursor as usize..],
+            "{context}: frames differ from those served before the trim"
+        );
+    }
+
+    // Live events follow the archived replay on the same socket.
+    let mut tail = common::tail_open(&server, session, 0).await;
+    let replayed = common::read_until(&mut tail, 200, Duration::from_secs(30)).await;
+    common::assert_gapless(&replayed, 1, 200, "replay before live");
+    for n in 201..=230 {
+        append_ok(&server, session, event_with_nul(n)).await;
+    }
+    let live = common::read_until(&mut tail, 230, Duration::from_secs(30)).await;
+    common::assert_gapless(&live, 201, 230, "live after the archived replay");
+    drop(tail);
+
+    // With Postgres stopped, the trimmed events cannot be served, so the
+    // tail closes instead of skipping them. The local ones are still served.
+    wait_for_metric(
+        &server,
+        "starcite_archive_trimmed_total",
+        210.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    drop(client);
+    run(&std::env::var("STARCITE_TEST_PG_STOP").expect("STARCITE_TEST_PG_STOP"));
+    let mut tail = common::tail_open(&server, session, 0).await;
+    match common::next_item(&mut tail, Duration::from_secs(30)).await {
+        common::TailItem::Closed { code, reason } => {
+            assert_eq!(code, Some(1011), "close code; reason: {reason}");
+            assert!(reason.contains("archive"), "reason: {reason}");
+        }
+        other => panic!("a tail below the frontier must close while Postgres is down: {other:?}"),
+    }
+    let local = tail_collect(&server, session, 210, 230, Duration::from_secs(30)).await;
+    common::assert_gapless(&local, 211, 230, "local tail while Postgres is down");
+    run(&std::env::var("STARCITE_TEST_PG_START").expect("STARCITE_TEST_PG_START"));
+
+    // A crash after trimming keeps the seam: the marks are in the store.
+    server.kill9();
+    tokio::task::block_in_place(|| server.restart());
+    let frames = tail_collect(&server, session, 0, 230, Duration::from_secs(60)).await;
+    common::assert_gapless(&frames, 1, 230, "tail from 0 after a restart");
+    assert_eq!(
+        frames[..200],
+        reference[..],
+        "archived frames after a restart"
+    );
+    wait_for_metric(
+        &server,
+        "starcite_archive_tail_size",
+        20.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(append_ok(&server, session, event(231)).await, 231);
+}
+
+/// Archive settings that cannot work stop the start with a message naming
+/// the setting.
+#[test]
+fn unusable_archive_settings_are_rejected() {
+    let cases: [(&[(&str, &str)], &str); 2] = [
+        (&[("STARCITE_ARCHIVER_ENABLED", "true")], "DATABASE_URL"),
+        (
+            &[
+                ("STARCITE_ARCHIVER_ENABLED", "true"),
+                ("DATABASE_URL", "postgres://127.0.0.1:1/none"),
+                ("STARCITE_TAIL_KEEP", "0"),
+            ],
+            "tail-keep",
+        ),
+    ];
+    for (env, named) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let failure = match Server::try_start_with(dir.path(), env) {
+            Ok(_) => panic!("the server started with {env:?}"),
+            Err(failure) => failure,
+        };
+        assert!(
+            failure.status.is_some_and(|status| !status.success()),
+            "the server should exit with an error for {env:?}; output:\n{}",
+            failure.logs
+        );
+        assert!(
+            failure.logs.contains(named),
+            "the error for {env:?} should name {named}:\n{}",
+            failure.logs
+        );
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -71,10 +71,7 @@ async fn relay(socket: WebSocket, state: AppState, session_id: String, cursor: u
 
     let ending = relay.run(&mut sink, &mut client).await;
     if let Ending::Close(code, reason) = &ending {
-        let frame = CloseFrame {
-            code: *code,
-            reason: reason.clone().into(),
-        };
+        let frame = super::tail::close_frame(*code, reason);
         let limit = state.settings().tail_send_timeout;
         let _ = tokio::time::timeout(limit, sink.send(Message::Close(Some(frame)))).await;
     }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::error::ApiError;
+use crate::archive::ColdReader;
 use crate::cluster::Router;
 use crate::storage::Store;
 use crate::tail::hub::LiveHub;
@@ -27,8 +28,10 @@ pub struct AppState {
 }
 
 struct Inner {
-    router: Router,
+    router: Arc<Router>,
     store: Store,
+    /// Reads events the local store has trimmed; `None` with the archive off.
+    archive: Option<ColdReader>,
     hub: Arc<LiveHub>,
     settings: ApiSettings,
     metrics: Option<PrometheusHandle>,
@@ -42,8 +45,9 @@ struct Inner {
 
 impl AppState {
     pub fn new(
-        router: Router,
+        router: Arc<Router>,
         store: Store,
+        archive: Option<ColdReader>,
         hub: Arc<LiveHub>,
         settings: ApiSettings,
         metrics: Option<PrometheusHandle>,
@@ -53,6 +57,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 router,
                 store,
+                archive,
                 hub,
                 settings,
                 metrics,
@@ -67,8 +72,17 @@ impl AppState {
         &self.inner.router
     }
 
+    /// Returns a shared handle to the router, for tasks that outlive a request.
+    pub fn router_handle(&self) -> Arc<Router> {
+        self.inner.router.clone()
+    }
+
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    pub fn archive(&self) -> Option<&ColdReader> {
+        self.inner.archive.as_ref()
     }
 
     pub fn hub(&self) -> &Arc<LiveHub> {

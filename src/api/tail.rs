@@ -107,6 +107,7 @@ fn accept(state: AppState, upgrade: WebSocketUpgrade, session_id: String, cursor
     let follower = Follower::new(
         session_id.clone(),
         state.store().clone(),
+        state.archive().cloned(),
         subscription,
         cursor,
     );
@@ -143,10 +144,7 @@ async fn serve(
     let ending = follow(&mut sink, &mut follower, &state, &activity).await;
     match &ending {
         Ending::Close(code, reason) => {
-            let frame = CloseFrame {
-                code: *code,
-                reason: reason.clone().into(),
-            };
+            let frame = close_frame(*code, reason);
             let sent = timeout(
                 state.settings().tail_send_timeout,
                 sink.send(Message::Close(Some(frame))),
@@ -209,10 +207,26 @@ async fn follow(
                 }
                 Err(err) => {
                     error!(error = %err, "tail cannot continue");
-                    return Ending::Close(INTERNAL_ERROR, format!("{err}; reconnect with your last seq as cursor"));
+                    return Ending::Close(INTERNAL_ERROR, err.close_reason().to_string());
                 }
             }
         }
+    }
+}
+
+/// Largest close reason in bytes: a close frame's payload is at most 125
+/// bytes, two of which hold the code.
+const MAX_CLOSE_REASON: usize = 123;
+
+/// Builds a close frame, cutting `reason` at a character boundary to fit.
+pub(super) fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code,
+        reason: reason[..end].into(),
     }
 }
 
@@ -292,7 +306,19 @@ async fn read_inbound(mut stream: SplitStream<WebSocket>, activity: Arc<Activity
 
 #[cfg(test)]
 mod tests {
-    use super::parse_cursor;
+    use super::{close_frame, parse_cursor, MAX_CLOSE_REASON};
+
+    #[test]
+    fn close_reasons_fit_a_control_frame() {
+        let long = "é".repeat(100);
+        let frame = close_frame(1011, &long);
+        assert!(frame.reason.len() <= MAX_CLOSE_REASON);
+        assert!(
+            frame.reason.len() >= MAX_CLOSE_REASON - 1,
+            "cut at the last boundary"
+        );
+        assert_eq!(close_frame(1001, "short").reason.as_str(), "short");
+    }
 
     #[test]
     fn cursor_accepts_canonical_decimals() {

@@ -1,5 +1,6 @@
 //! The optional Postgres archive: committed events copied, in the
-//! background, into tables that teams query with plain SQL.
+//! background, into tables that teams query with plain SQL, after which the
+//! local store keeps only the newest events of each session.
 //!
 //! Appends never wait for Postgres. The state machine reports every applied
 //! event through [`ArchiveSink`], which marks its session as pending. Every
@@ -9,30 +10,55 @@
 //! NOTHING`, so delivery is at least once and repeats are harmless) and the
 //! session's `archived_seq`. A failure leaves the session pending, and the
 //! archiver retries with backoff until Postgres is back.
+//!
+//! Once a session's archived events are more than `tail_keep` behind its
+//! last seq, the archiver sends the new `archived_seq` through the shard's
+//! Raft log, and every replica deletes the events that are both archived
+//! and older than the newest `tail_keep`
+//! ([`crate::session::retention::ArchiveMark`]). Tails that start
+//! below the local frontier read those events back with [`ColdReader`].
 
+mod cold;
+mod hot;
+mod rows;
 mod schema;
 
-use std::collections::HashMap;
+pub use cold::{ColdError, ColdReader};
+pub use hot::{scan, HotEvents, StoredSessions};
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::consensus::state_machine::read_header;
-use crate::consensus::{AppliedEvent, EventSink};
+use crate::cluster::Router;
+use crate::consensus::state_machine::{read_header, read_mark};
+use crate::consensus::{AppliedEvent, ArchivedCommand, Command, EventSink, Outcome};
 use crate::storage::{keys, Store};
+use rows::{clean_text, insert_events, Row};
 
 /// Settings of the archiver.
 #[derive(Debug, Clone)]
 pub struct ArchiveSettings {
     pub database_url: String,
     pub flush_interval: Duration,
-    /// Events per session and transaction at most.
+    /// Events per session written to Postgres in one transaction at most.
     pub batch_size: usize,
     pub pool_size: usize,
+    /// Newest events of each session that stay in the local store after
+    /// they are archived.
+    pub tail_keep: u64,
 }
+
+/// Sessions in one trim command at most, so that a node with many
+/// sessions to trim sends several modest log entries instead of one huge one.
+const TRIM_SESSIONS_PER_COMMAND: usize = 1024;
+
+/// `archived_seq` values remembered at most; past it the record starts over
+/// and is filled again from Postgres.
+const ARCHIVED_CACHE_LIMIT: usize = 100_000;
 
 /// Sessions with events not yet archived, with the highest seq applied.
 #[derive(Clone, Default)]
@@ -46,7 +72,7 @@ impl Pending {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn mark(&self, session_id: &str, seq: u64) {
+    pub fn mark(&self, session_id: &str, seq: u64) {
         raise(&mut self.lock(), session_id, seq);
     }
 
@@ -55,11 +81,12 @@ impl Pending {
     }
 }
 
-/// Passes applied events on to `inner` (the live hub) and marks their
-/// sessions as pending for the archiver.
+/// Passes applied events on to `inner` (the live hub), marks their
+/// sessions as pending for the archiver and counts the local store's events.
 pub struct ArchiveSink {
     pub inner: Arc<dyn EventSink>,
     pub pending: Pending,
+    pub hot: HotEvents,
 }
 
 impl EventSink for ArchiveSink {
@@ -71,7 +98,22 @@ impl EventSink for ArchiveSink {
                 raise(&mut pending, &event.session_id, event.seq);
             }
         }
+        if let Some(first) = events.first() {
+            // Every event of one applied batch is of the same shard.
+            let shard = keys::shard_of(&first.session_id, self.hot.shard_count());
+            self.hot.add(shard, events.len() as i64);
+        }
         self.inner.publish(events);
+    }
+
+    fn trimmed(&self, shard: u32, sessions: &[(String, u64)]) {
+        let events: u64 = sessions.iter().map(|(_, count)| count).sum();
+        self.hot.add(shard, -(events as i64));
+        crate::metrics::record_archive_trimmed(events);
+    }
+
+    fn replaced(&self, shard: u32, events: u64) {
+        self.hot.set(shard, events as i64);
     }
 }
 
@@ -85,19 +127,35 @@ fn raise(pending: &mut HashMap<String, u64>, session_id: &str, seq: u64) {
     }
 }
 
-/// Tells whether this node leads the shard of a session, so that exactly one
-/// replica archives it.
-pub type LeadsSession = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// Creates the connection pool shared by the archiver and cold reads. No
+/// connection is opened until one is needed.
+pub fn pool(settings: &ArchiveSettings) -> anyhow::Result<deadpool_postgres::Pool> {
+    let mut config = deadpool_postgres::Config::new();
+    config.url = Some(settings.database_url.clone());
+    config.pool = Some(deadpool_postgres::PoolConfig::new(settings.pool_size));
+    config
+        .create_pool(
+            Some(deadpool_postgres::Runtime::Tokio1),
+            tokio_postgres::NoTls,
+        )
+        .map_err(|err| {
+            anyhow::anyhow!("configuring the Postgres pool failed: {err}; check DATABASE_URL")
+        })
+}
 
 /// The archiver task's state.
 pub struct Archiver {
     settings: ArchiveSettings,
     store: Store,
     pending: Pending,
-    leads: LeadsSession,
+    router: Arc<Router>,
     pool: deadpool_postgres::Pool,
+    hot: HotEvents,
     /// `archived_seq` of the sessions archived by this node, as last written.
     archived: HashMap<String, u64>,
+    /// Sessions whose archived events may be trimmed, with the archived seq
+    /// to send through their shard's log. Kept until the log has taken it.
+    trims_due: HashMap<String, u64>,
 }
 
 /// Failure to archive a session in this flush.
@@ -111,36 +169,42 @@ enum ArchiveError {
     Store(String),
 }
 
+/// Handles and settings the archiver starts with.
+pub struct ArchiverParts {
+    pub settings: ArchiveSettings,
+    pub store: Store,
+    pub pending: Pending,
+    pub router: Arc<Router>,
+    pub pool: deadpool_postgres::Pool,
+    pub hot: HotEvents,
+}
+
 impl Archiver {
     /// Starts the archiver in the background. It migrates the schema first,
     /// retrying while Postgres is unreachable, then flushes every interval
     /// until `shutdown`, and once more after it.
-    pub fn start(
-        settings: ArchiveSettings,
-        store: Store,
-        pending: Pending,
-        leads: LeadsSession,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let pool = pool(&settings)?;
+    pub fn start(parts: ArchiverParts, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        crate::metrics::record_archive_tail_size(parts.hot.total());
         let archiver = Archiver {
-            settings,
-            store,
-            pending,
-            leads,
-            pool,
+            settings: parts.settings,
+            store: parts.store,
+            pending: parts.pending,
+            router: parts.router,
+            pool: parts.pool,
+            hot: parts.hot,
             archived: HashMap::new(),
+            trims_due: HashMap::new(),
         };
-        Ok(tokio::spawn(archiver.run(shutdown)))
+        tokio::spawn(archiver.run(shutdown))
     }
 
     async fn run(mut self, shutdown: CancellationToken) {
         if !self.migrate_until_done(&shutdown).await {
             return;
         }
-        self.mark_stored_sessions().await;
         info!(
             flush_interval_ms = self.settings.flush_interval.as_millis() as u64,
+            tail_keep = self.settings.tail_keep,
             "archiver started"
         );
 
@@ -189,53 +253,27 @@ impl Archiver {
     }
 
     async fn migrate(&self) -> Result<i32, ArchiveError> {
-        let (mut client, connection) =
-            tokio_postgres::connect(&self.settings.database_url, tokio_postgres::NoTls).await?;
-        let driver = tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(error = %err, "migration connection closed");
-            }
-        });
-        let version = schema::migrate(&mut client).await;
-        drop(client);
-        let _ = driver.await;
-        Ok(version?)
+        let mut client = self.pool.get().await?;
+        Ok(schema::migrate(&mut client).await?)
     }
 
-    /// Marks every session in the local store as pending, so that events
-    /// applied before this start (and not archived yet) are archived too.
-    async fn mark_stored_sessions(&self) {
-        let store = self.store.clone();
-        let pending = self.pending.clone();
-        let marked = tokio::task::spawn_blocking(move || {
-            let mut count = 0usize;
-            for item in store.sessions.iter() {
-                let Ok((key, _)) = item else { continue };
-                let id = String::from_utf8_lossy(&key).into_owned();
-                let last_seq = match read_header(&store, &id) {
-                    Ok(Some(header)) => header.last_seq,
-                    _ => continue,
-                };
-                pending.mark(&id, last_seq);
-                count += 1;
-            }
-            count
-        })
-        .await
-        .unwrap_or(0);
-        debug!(sessions = marked, "stored sessions queued for archiving");
-    }
-
-    /// Archives every pending session this node leads. Sessions that fail
-    /// or have more events than one batch stay pending.
+    /// Archives every pending session this node leads, then sends the trims
+    /// that became possible. Sessions that fail or have more events than one
+    /// batch stay pending.
     async fn flush(&mut self) -> Result<(), ArchiveError> {
         let started = Instant::now();
         let pending = self.pending.take();
         let mut result = Ok(());
         let mut backlog = Backlog::default();
         let mut followed = Vec::new();
+        if self.archived.len() > ARCHIVED_CACHE_LIMIT {
+            self.archived.clear();
+        }
         for (session_id, seq) in &pending {
-            if !(self.leads)(session_id) {
+            if !self.router.leads_session(session_id) {
+                // Another node archives it now; what this node remembers of
+                // it may fall behind.
+                self.archived.remove(session_id);
                 followed.push((session_id.clone(), *seq));
                 continue;
             }
@@ -258,15 +296,16 @@ impl Archiver {
             }
         }
         backlog.sessions += self.keep_unarchived(followed).await;
+        self.send_trims().await;
         crate::metrics::record_archive_flush(
             started.elapsed(),
             backlog.sessions,
             backlog.rows,
             backlog.largest,
         );
+        crate::metrics::record_archive_tail_size(self.hot.total());
         result
     }
-
     /// Estimates the events of a session not archived yet from this node's
     /// own record, without a query to Postgres.
     fn estimate_left(&self, session_id: &str, applied: u64) -> u64 {
@@ -337,6 +376,8 @@ impl Archiver {
             }
         };
 
+        let archived = self.skip_trimmed(session_id, archived)?;
+
         let upto = header
             .last_seq
             .min(archived.saturating_add(self.settings.batch_size as u64));
@@ -351,6 +392,8 @@ impl Archiver {
         let bytes: usize = rows.iter().map(|row| row.bytes).sum();
         crate::metrics::record_archive_attempt(rows.len(), bytes);
 
+        let metadata = clean_json_text(&header.metadata);
+        let title = header.title.as_deref().map(clean_text);
         let transaction = client.transaction().await?;
         transaction
             .execute(
@@ -362,8 +405,8 @@ impl Archiver {
                      metadata = EXCLUDED.metadata, updated_at = EXCLUDED.updated_at",
                 &[
                     &session_id,
-                    &header.title,
-                    &header.metadata,
+                    &title.as_deref(),
+                    &metadata.as_ref(),
                     &(header.created_at as i64),
                     &(header.updated_at as i64),
                 ],
@@ -380,6 +423,7 @@ impl Archiver {
 
         crate::metrics::record_archive_inserted(inserted as usize, bytes);
         self.archived.insert(session_id.to_string(), upto);
+        self.schedule_trim(session_id, upto, header.last_seq)?;
         debug!(
             session_id,
             from = archived + 1,
@@ -388,6 +432,94 @@ impl Archiver {
             "events archived"
         );
         Ok(header.last_seq.saturating_sub(upto))
+    }
+
+    /// Returns where archiving a session resumes: after `archived`, the
+    /// archived seq Postgres (or this node's record) gives, but never
+    /// inside the events the local store has trimmed, which it cannot read.
+    /// Postgres behind the trimmed point means it lost archived events, for
+    /// example after a restore from an older backup. They cannot be written
+    /// again, so the gap is logged as an error and skipped.
+    fn skip_trimmed(&self, session_id: &str, archived: u64) -> Result<u64, ArchiveError> {
+        let mark = read_mark(&self.store, session_id)
+            .map_err(|err| ArchiveError::Store(err.to_string()))?
+            .unwrap_or_default();
+        if archived < mark.trimmed_through {
+            error!(
+                session_id,
+                postgres_archived_seq = archived,
+                trimmed_through = mark.trimmed_through,
+                "the archive lacks events this node has already trimmed; they cannot be archived again. \
+                 Was the database restored from an older backup or DATABASE_URL changed?"
+            );
+        }
+        Ok(archived.max(mark.trimmed_through))
+    }
+
+    /// Queues the trim a newly archived point allows, if any: only once the
+    /// archive is more than `tail_keep` events behind the session's end
+    /// does a trim delete anything, so shorter sessions add no log entries.
+    fn schedule_trim(
+        &mut self,
+        session_id: &str,
+        archived: u64,
+        last_seq: u64,
+    ) -> Result<(), ArchiveError> {
+        let mark = read_mark(&self.store, session_id)
+            .map_err(|err| ArchiveError::Store(err.to_string()))?
+            .unwrap_or_default();
+        let after = mark.advance(archived, last_seq, self.settings.tail_keep);
+        if after.trimmed_through > mark.trimmed_through {
+            let due = self.trims_due.entry(session_id.to_string()).or_default();
+            *due = (*due).max(archived);
+        }
+        Ok(())
+    }
+
+    /// Sends the queued trims through each shard's Raft log, one command per
+    /// shard (and per [`TRIM_SESSIONS_PER_COMMAND`] sessions). A failed send
+    /// stays queued for the next flush.
+    async fn send_trims(&mut self) {
+        if self.trims_due.is_empty() {
+            return;
+        }
+        let mut by_shard: BTreeMap<u32, Vec<(String, u64)>> = BTreeMap::new();
+        for (session_id, archived) in &self.trims_due {
+            by_shard
+                .entry(self.router.shard_of(session_id))
+                .or_default()
+                .push((session_id.clone(), *archived));
+        }
+
+        for (shard, sessions) in by_shard {
+            for chunk in sessions.chunks(TRIM_SESSIONS_PER_COMMAND) {
+                let command = Command::Archived(ArchivedCommand {
+                    sessions: chunk.to_vec(),
+                    tail_keep: self.settings.tail_keep,
+                });
+                match self.router.write(command, &chunk[0].0).await {
+                    Ok(Outcome::Archived { trimmed }) => {
+                        debug!(
+                            shard,
+                            sessions = chunk.len(),
+                            trimmed,
+                            "archived events trimmed"
+                        );
+                        for (session_id, archived) in chunk {
+                            if self.trims_due.get(session_id) == Some(archived) {
+                                self.trims_due.remove(session_id);
+                            }
+                        }
+                    }
+                    Ok(other) => {
+                        warn!(shard, outcome = ?other, "trim command got an unexpected outcome; retrying next flush");
+                    }
+                    Err(err) => {
+                        warn!(shard, sessions = chunk.len(), error = %err, "sending a trim through the shard's log failed; retrying next flush");
+                    }
+                }
+            }
+        }
     }
 
     /// Reads events `from..=to` of a session from the local store.
@@ -402,14 +534,29 @@ impl Archiver {
             let (key, frame) = item.map_err(|err| ArchiveError::Store(err.to_string()))?;
             let seq = keys::event_seq(&key)
                 .ok_or_else(|| ArchiveError::Store("event key too short".to_string()))?;
-            let value: Value = serde_json::from_slice(&frame).map_err(|err| {
+            let row = Row::from_frame(seq, &frame).map_err(|err| {
                 ArchiveError::Store(format!(
                     "stored event {session_id}/{seq} is not JSON: {err}"
                 ))
             })?;
-            rows.push(Row::from_frame(seq, value, frame.len()));
+            rows.push(row);
         }
         Ok(rows)
+    }
+}
+
+/// Returns a JSON text that Postgres accepts as `jsonb`: U+0000 in its
+/// strings becomes U+FFFD.
+fn clean_json_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("\\u0000") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(mut value) => {
+            rows::replace_nul(&mut value);
+            std::borrow::Cow::Owned(value.to_string())
+        }
+        Err(_) => std::borrow::Cow::Borrowed(text),
     }
 }
 
@@ -428,107 +575,6 @@ impl Backlog {
         self.rows += rows;
         self.largest = self.largest.max(rows);
     }
-}
-
-/// One event as archived.
-struct Row {
-    seq: i64,
-    kind: String,
-    payload: Value,
-    actor: String,
-    source: Option<String>,
-    metadata: Value,
-    refs: Value,
-    idempotency_key: Option<String>,
-    inserted_at: String,
-    bytes: usize,
-}
-
-impl Row {
-    fn from_frame(seq: u64, mut frame: Value, bytes: usize) -> Row {
-        let mut take = |name: &str| frame.get_mut(name).map(Value::take).unwrap_or(Value::Null);
-        let text = |value: Value| match value {
-            Value::String(text) => Some(text),
-            _ => None,
-        };
-        Row {
-            seq: seq as i64,
-            kind: text(take("type")).unwrap_or_default(),
-            payload: take("payload"),
-            actor: text(take("actor")).unwrap_or_default(),
-            source: text(take("source")),
-            metadata: take("metadata"),
-            refs: take("refs"),
-            idempotency_key: text(take("idempotency_key")),
-            inserted_at: text(take("inserted_at")).unwrap_or_default(),
-            bytes,
-        }
-    }
-}
-
-/// Inserts `rows` in one statement; rows already archived are skipped.
-/// Returns how many were new.
-async fn insert_events(
-    transaction: &deadpool_postgres::Transaction<'_>,
-    session_id: &str,
-    rows: &[Row],
-) -> Result<u64, tokio_postgres::Error> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
-
-    // One array per column, unnested into rows by Postgres.
-    let sessions: Vec<&str> = rows.iter().map(|_| session_id).collect();
-    let seqs: Vec<i64> = rows.iter().map(|row| row.seq).collect();
-    let kinds: Vec<&str> = rows.iter().map(|row| row.kind.as_str()).collect();
-    let payloads: Vec<&Value> = rows.iter().map(|row| &row.payload).collect();
-    let actors: Vec<&str> = rows.iter().map(|row| row.actor.as_str()).collect();
-    let sources: Vec<Option<&str>> = rows.iter().map(|row| row.source.as_deref()).collect();
-    let metadata: Vec<&Value> = rows.iter().map(|row| &row.metadata).collect();
-    let refs: Vec<&Value> = rows.iter().map(|row| &row.refs).collect();
-    let keys: Vec<Option<&str>> = rows
-        .iter()
-        .map(|row| row.idempotency_key.as_deref())
-        .collect();
-    let inserted_at: Vec<&str> = rows.iter().map(|row| row.inserted_at.as_str()).collect();
-
-    transaction
-        .execute(
-            "INSERT INTO events (session_id, seq, type, payload, actor, source, metadata, refs,
-                                 idempotency_key, inserted_at)
-             SELECT s, q, t, p, a, so, m, r, k, i::timestamptz
-             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
-                         $6::text[], $7::jsonb[], $8::jsonb[], $9::text[], $10::text[])
-                  AS u(s, q, t, p, a, so, m, r, k, i)
-             ON CONFLICT (session_id, seq) DO NOTHING",
-            &[
-                &sessions,
-                &seqs,
-                &kinds,
-                &payloads,
-                &actors,
-                &sources,
-                &metadata,
-                &refs,
-                &keys,
-                &inserted_at,
-            ],
-        )
-        .await
-}
-
-fn pool(settings: &ArchiveSettings) -> anyhow::Result<deadpool_postgres::Pool> {
-    let mut config = deadpool_postgres::Config::new();
-    config.url = Some(settings.database_url.clone());
-    config.pool = Some(deadpool_postgres::PoolConfig::new(settings.pool_size));
-    config
-        .create_pool(
-            Some(deadpool_postgres::Runtime::Tokio1),
-            tokio_postgres::NoTls,
-        )
-        .map_err(|err| {
-            anyhow::anyhow!("configuring the Postgres pool failed: {err}; check DATABASE_URL")
-        })
 }
 
 /// Doubling delays between failed attempts, from 0.5 s up to 16 s.
@@ -564,7 +610,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_up_to_thirty_seconds() {
+    fn backoff_doubles_up_to_sixteen_seconds() {
         let mut backoff = Backoff::default();
         assert_eq!(backoff.current(), None, "no delay before a failure");
         let delays: Vec<u64> = (0..8).map(|_| backoff.next().as_millis() as u64).collect();
@@ -574,20 +620,5 @@ mod tests {
         );
         backoff.reset();
         assert_eq!(backoff.current(), None, "reset clears the delay");
-    }
-
-    #[test]
-    fn frame_fields_become_columns() {
-        let frame = serde_json::json!({
-            "seq": 3, "type": "t", "payload": {"a": 1}, "actor": "agent:x",
-            "source": null, "metadata": {}, "refs": {"to_seq": 1},
-            "idempotency_key": "k", "inserted_at": "2026-12-04T21:00:00Z"
-        });
-        let row = Row::from_frame(3, frame, 10);
-        assert_eq!(row.kind, "t");
-        assert_eq!(row.payload, serde_json::json!({"a": 1}));
-        assert_eq!(row.source, None, "a null source is stored as NULL");
-        assert_eq!(row.idempotency_key.as_deref(), Some("k"));
-        assert_eq!(row.inserted_at, "2026-12-04T21:00:00Z");
     }
 }

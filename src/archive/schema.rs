@@ -12,7 +12,8 @@ const MIGRATION_LOCK: i64 = 0x5354_4152_4349_5445; // "STARCITE"
 
 /// Migrations by version, applied in order. Never edit one that has shipped:
 /// add a new version instead.
-const MIGRATIONS: &[(i32, &str)] = &[(
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
     1,
     "CREATE TABLE sessions (
         id text PRIMARY KEY,
@@ -35,7 +36,16 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         inserted_at timestamptz NOT NULL,
         PRIMARY KEY (session_id, seq)
     );",
-)];
+    ),
+    (
+        2,
+        // Postgres cannot store U+0000 in text or jsonb. Events that contain
+        // it are archived with U+FFFD in its place and their exact frame here.
+        "ALTER TABLE events ADD COLUMN frame text;
+        COMMENT ON COLUMN events.frame IS
+            'Exact tail frame, set only when the event contains U+0000, which the other columns show as U+FFFD';",
+    ),
+];
 
 /// Applies every migration the database lacks and returns the schema version.
 pub async fn migrate(client: &mut Client) -> Result<i32, tokio_postgres::Error> {

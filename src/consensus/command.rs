@@ -17,6 +17,9 @@ pub enum Command {
     /// Several commands for sessions of the same shard, applied in order as
     /// one log entry, so that a burst of requests costs one Raft round.
     Batch(Vec<Command>),
+    /// The archive contains these sessions' events up to the given seqs.
+    /// Every replica records that and trims its local store.
+    Archived(ArchivedCommand),
 }
 
 impl Command {
@@ -27,6 +30,12 @@ impl Command {
             Command::Append(append) => append.frame_tail.len() + 128,
             Command::CreateSession(create) => create.metadata.len() + 128,
             Command::Batch(commands) => commands.iter().map(Command::approx_size).sum(),
+            Command::Archived(archived) => archived
+                .sessions
+                .iter()
+                .map(|(id, _)| id.len() + 16)
+                .sum::<usize>()
+                .saturating_add(16),
         }
     }
 }
@@ -51,6 +60,16 @@ pub struct AppendCommand {
     pub expected_seq: Option<u64>,
     /// Append time, microseconds since the Unix epoch.
     pub now: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArchivedCommand {
+    /// (session id, archived seq) of sessions of one shard.
+    pub sessions: Vec<(String, u64)>,
+    /// Newest events each session keeps in the local store. Carried in the
+    /// command, so that every replica trims the same events whatever its
+    /// own configuration sets.
+    pub tail_keep: u64,
 }
 
 /// The result of applying one log entry.
@@ -78,4 +97,9 @@ pub enum Outcome {
     Batch(Vec<Outcome>),
     /// A blank or membership entry, which has no client.
     Internal,
+    /// The outcome of a [`Command::Archived`]: events deleted from the
+    /// local store.
+    Archived {
+        trimmed: u64,
+    },
 }

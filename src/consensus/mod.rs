@@ -9,7 +9,7 @@
 // is large; the helpers here return it as is instead of boxing and unboxing.
 #![allow(clippy::result_large_err)]
 
-mod codec;
+pub(crate) mod codec;
 pub mod command;
 pub mod log_store;
 pub mod network;
@@ -17,7 +17,7 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod transport;
 
-pub use command::{AppendCommand, Command, CreateCommand, Outcome};
+pub use command::{AppendCommand, ArchivedCommand, Command, CreateCommand, Outcome};
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -49,4 +49,12 @@ pub struct AppliedEvent {
 /// after they are readable from storage.
 pub trait EventSink: Send + Sync + 'static {
     fn publish(&self, events: Vec<AppliedEvent>);
+
+    /// Reports events deleted from the local store of `shard` after they
+    /// were archived: (session id, events deleted).
+    fn trimmed(&self, _shard: u32, _sessions: &[(String, u64)]) {}
+
+    /// Reports that a snapshot replaced the state of `shard`, which now contains
+    /// `events` events in the local store.
+    fn replaced(&self, _shard: u32, _events: u64) {}
 }

@@ -20,7 +20,7 @@ use super::AppliedEvent;
 use crate::storage::{keys, Store};
 
 /// Version of the image layout. An image of another version is rejected.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// Every session of one shard, with its events and idempotency records.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -38,6 +38,9 @@ struct SessionImage {
     events: Vec<(u64, Vec<u8>)>,
     /// (client key, record)
     idempotency: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The archive mark, if the session has one. Its events start after
+    /// the mark's trimmed seq.
+    mark: Option<Vec<u8>>,
 }
 
 impl ShardImage {
@@ -112,11 +115,18 @@ pub fn build(store: &Store, shard: u32, shard_count: u32) -> Result<ShardImage, 
             idempotency.push((key[prefix.len()..].to_vec(), value.to_vec()));
         }
 
+        let mark = store
+            .archive_marks
+            .get(keys::archive_mark(&id))
+            .map_err(read_error)?
+            .map(|mark| mark.to_vec());
+
         image.sessions.push(SessionImage {
             id,
             header: header.to_vec(),
             events,
             idempotency,
+            mark,
         });
     }
     Ok(image)
@@ -161,8 +171,12 @@ pub fn replace(
     let mut sessions = BTreeMap::new();
     let mut events = BTreeMap::new();
     let mut idempotency = BTreeMap::new();
+    let mut marks = BTreeMap::new();
     for session in &image.sessions {
         sessions.insert(keys::session(&session.id), session.header.as_slice());
+        if let Some(mark) = &session.mark {
+            marks.insert(keys::archive_mark(&session.id), mark.as_slice());
+        }
         for (seq, frame) in &session.events {
             events.insert(keys::event(&session.id, *seq), frame.as_slice());
         }
@@ -178,6 +192,10 @@ pub fn replace(
         let key = keys::session(&id);
         if !sessions.contains_key(&key) {
             batch.remove(&store.sessions, key);
+        }
+        let mark_key = keys::archive_mark(&id);
+        if !marks.contains_key(&mark_key) {
+            batch.remove(&store.archive_marks, mark_key);
         }
         let prefix = keys::event_prefix(&id);
         for item in store.events.prefix(&prefix) {
@@ -202,6 +220,9 @@ pub fn replace(
     }
     for (key, value) in idempotency {
         batch.insert(&store.idempotency, key, value);
+    }
+    for (key, value) in marks {
+        batch.insert(&store.archive_marks, key, value);
     }
     Ok(())
 }
@@ -254,11 +275,20 @@ mod tests {
             .idempotency
             .insert(keys::idempotency(id, key), format!("{id} {key}"))
             .unwrap();
+        store
+            .archive_marks
+            .insert(keys::archive_mark(id), format!("{id} mark {events}"))
+            .unwrap();
     }
 
     fn contents(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut all = Vec::new();
-        for partition in [&store.sessions, &store.events, &store.idempotency] {
+        for partition in [
+            &store.sessions,
+            &store.events,
+            &store.idempotency,
+            &store.archive_marks,
+        ] {
             for item in partition.iter() {
                 let (key, value) = item.unwrap();
                 all.push((key.to_vec(), value.to_vec()));
@@ -330,7 +360,7 @@ mod tests {
     #[test]
     fn image_of_another_format_is_rejected() {
         let image = ShardImage {
-            format: FORMAT + 1,
+            format: FORMAT - 1,
             sessions: Vec::new(),
         };
         let err = from_bytes(&to_bytes(&image)).unwrap_err();

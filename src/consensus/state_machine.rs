@@ -17,13 +17,17 @@ use openraft::{
     StorageError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use super::codec::{decode, encode, io_error};
 use super::snapshot;
-use super::{AppendCommand, AppliedEvent, Command, CreateCommand, EventSink, Outcome, TypeConfig};
+use super::{
+    AppendCommand, AppliedEvent, ArchivedCommand, Command, CreateCommand, EventSink, Outcome,
+    TypeConfig,
+};
 use crate::session::event;
 use crate::session::header::SessionHeader;
+use crate::session::retention::ArchiveMark;
 use crate::session::rules::{decide_append, AppendDecision, IdempotencyRecord};
 use crate::storage::{keys, Store};
 
@@ -50,7 +54,10 @@ pub struct StateMachine {
 struct PendingWrites {
     headers: HashMap<String, SessionHeader>,
     idempotency: HashMap<(String, String), IdempotencyRecord>,
+    marks: HashMap<String, ArchiveMark>,
     events: Vec<AppliedEvent>,
+    /// (session id, events deleted from the local store)
+    trims: Vec<(String, u64)>,
 }
 
 impl StateMachine {
@@ -138,6 +145,13 @@ impl StateMachine {
             .transpose()
     }
 
+    fn mark(&self, id: &str, pending: &PendingWrites) -> Result<ArchiveMark, StorageError<u64>> {
+        if let Some(mark) = pending.marks.get(id) {
+            return Ok(*mark);
+        }
+        Ok(read_mark(&self.store, id)?.unwrap_or_default())
+    }
+
     fn apply_command(
         &self,
         command: &Command,
@@ -154,7 +168,46 @@ impl StateMachine {
                 }
                 Ok(Outcome::Batch(outcomes))
             }
+            Command::Archived(archived) => self.apply_archived(archived, batch, pending),
         }
+    }
+
+    /// Records how far the archive contains each session and deletes the
+    /// events that are now both archived and older than the newest
+    /// `tail_keep`. A session this shard does not have is skipped.
+    fn apply_archived(
+        &self,
+        archived: &ArchivedCommand,
+        batch: &mut fjall::Batch,
+        pending: &mut PendingWrites,
+    ) -> Result<Outcome, StorageError<u64>> {
+        let mut trimmed = 0;
+        for (id, archived_seq) in &archived.sessions {
+            let Some(header) = self.header(id, pending)? else {
+                continue;
+            };
+            let before = self.mark(id, pending)?;
+            let after = before.advance(*archived_seq, header.last_seq, archived.tail_keep);
+            if after == before {
+                continue;
+            }
+
+            for seq in before.frontier()..=after.trimmed_through {
+                batch.remove(&self.store.events, keys::event(id, seq));
+            }
+            batch.insert(
+                &self.store.archive_marks,
+                keys::archive_mark(id),
+                encode(&after),
+            );
+            let count = after.trimmed_through - before.trimmed_through;
+            if count > 0 {
+                pending.trims.push((id.clone(), count));
+                trimmed += count;
+            }
+            pending.marks.insert(id.clone(), after);
+        }
+        Ok(Outcome::Archived { trimmed })
     }
 
     fn apply_create(
@@ -244,6 +297,18 @@ impl StateMachine {
     }
 }
 
+/// Reads a session's archive mark from the store, outside of any apply
+/// batch. `None` means nothing of the session was reported archived.
+pub fn read_mark(store: &Store, id: &str) -> Result<Option<ArchiveMark>, StorageError<u64>> {
+    let value = store
+        .archive_marks
+        .get(keys::archive_mark(id))
+        .map_err(|err| io_error(ErrorSubject::StateMachine, ErrorVerb::Read, err))?;
+    value
+        .map(|bytes| decode(&bytes, "archive mark"))
+        .transpose()
+}
+
 /// Reads a session header from the store, outside of any apply batch.
 pub fn read_header(store: &Store, id: &str) -> Result<Option<SessionHeader>, StorageError<u64>> {
     let value = store
@@ -309,6 +374,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if !pending.events.is_empty() {
             self.sink.publish(pending.events);
         }
+        if !pending.trims.is_empty() {
+            let events: u64 = pending.trims.iter().map(|(_, count)| count).sum();
+            debug!(
+                shard = self.shard,
+                sessions = pending.trims.len(),
+                events,
+                "archived events trimmed from the local store"
+            );
+            self.sink.trimmed(self.shard, &pending.trims);
+        }
         Ok(outcomes)
     }
 
@@ -370,6 +445,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|err| io_error(subject(), ErrorVerb::Write, err))?;
         info!(shard = self.shard, snapshot = %meta.snapshot_id, "snapshot installed");
 
+        self.sink.replaced(self.shard, events as u64);
         let newest = image.newest_events();
         if !newest.is_empty() {
             self.sink.publish(newest);

@@ -9,6 +9,7 @@ pub mod event;
 pub mod header;
 pub mod id;
 pub mod request;
+pub mod retention;
 pub mod rules;
 pub mod timestamp;
 

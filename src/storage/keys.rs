@@ -46,6 +46,11 @@ pub fn session(id: &str) -> Vec<u8> {
     id.as_bytes().to_vec()
 }
 
+/// Key of a session's archive mark.
+pub fn archive_mark(id: &str) -> Vec<u8> {
+    id.as_bytes().to_vec()
+}
+
 /// Prefix shared by all events of one session.
 pub fn event_prefix(session_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(session_id.len() + 9);

@@ -70,6 +70,10 @@ pub struct Store {
     pub events: PartitionHandle,
     /// Idempotency records: the seq and fingerprint of the first event sent with a key.
     pub idempotency: PartitionHandle,
+    /// Per session, how far the Postgres archive and the trimming of local
+    /// events have got ([`crate::session::retention::ArchiveMark`]). Only
+    /// sessions with a trimmed or archived mark have an entry.
+    pub archive_marks: PartitionHandle,
     /// Data directory settings that must not change after creation.
     pub settings: PartitionHandle,
     /// Exclusive lock on the data directory, held while the store is open.
@@ -129,6 +133,7 @@ impl Store {
             sessions: open("sessions")?,
             events: open_range_only("events")?,
             idempotency: open("idempotency")?,
+            archive_marks: open("archive_marks")?,
             settings: open("settings")?,
             keyspace,
             _lock: Arc::new(lock),

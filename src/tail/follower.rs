@@ -1,11 +1,22 @@
 //! The follower behind one tail socket: replay from the store, then live.
+//!
+//! With the archive on, the local store may have trimmed a session's oldest
+//! events. Replay below that frontier reads them from Postgres, in pages
+//! that end at the frontier, and then goes on in the local store. The seam
+//! is the single seq where one source ends and the other starts, so nothing
+//! is skipped or sent twice. Each local read sees the header, the archive
+//! mark and the events at one instant of the store, so a trim running at the
+//! same time cannot make it see a gap.
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, warn};
 
 use super::hub::Subscription;
-use crate::consensus::state_machine::read_header;
+use crate::archive::ColdReader;
+use crate::consensus::codec::decode;
+use crate::session::header::SessionHeader;
+use crate::session::retention::ArchiveMark;
 use crate::storage::{keys, Store};
 
 /// Events read from the store in one step, at most.
@@ -29,6 +40,42 @@ pub enum FollowError {
     /// The live feed was closed, which happens only when the server stops.
     #[error("the live feed of session {session_id} closed")]
     FeedClosed { session_id: String },
+    /// The events asked for were trimmed from the local store after they
+    /// were archived, and this node has no archive to read them from.
+    #[error(
+        "events up to {trimmed_through} of session {session_id} are only in the Postgres archive, \
+         which this node is not configured to read; set STARCITE_ARCHIVER_ENABLED and DATABASE_URL \
+         on every node"
+    )]
+    NoArchive {
+        session_id: String,
+        trimmed_through: u64,
+    },
+    /// Reading archived events from Postgres failed.
+    #[error("reading archived events of session {session_id} failed: {reason}")]
+    Archive { session_id: String, reason: String },
+}
+
+impl FollowError {
+    /// Returns a reason short enough for a close frame (123 bytes). The
+    /// full error goes to the log.
+    pub fn close_reason(&self) -> &'static str {
+        match self {
+            FollowError::Hole { .. } => {
+                "an event is missing from storage; reconnect with your last seq as cursor"
+            }
+            FollowError::Storage { .. } => {
+                "reading storage failed; reconnect with your last seq as cursor"
+            }
+            FollowError::FeedClosed { .. } => "server shutting down",
+            FollowError::NoArchive { .. } => {
+                "older events are only in the Postgres archive, which this node cannot read"
+            }
+            FollowError::Archive { .. } => {
+                "reading the Postgres archive failed; reconnect with your last seq as cursor"
+            }
+        }
+    }
 }
 
 enum Mode {
@@ -41,6 +88,7 @@ enum Mode {
 pub struct Follower {
     session_id: String,
     store: Store,
+    archive: Option<ColdReader>,
     subscription: Subscription,
     last_sent: u64,
     mode: Mode,
@@ -52,12 +100,14 @@ impl Follower {
     pub fn new(
         session_id: String,
         store: Store,
+        archive: Option<ColdReader>,
         subscription: Subscription,
         cursor: u64,
     ) -> Follower {
         Follower {
             session_id,
             store,
+            archive,
             subscription,
             last_sent: cursor,
             mode: Mode::Replay,
@@ -92,22 +142,74 @@ impl Follower {
         }
     }
 
-    /// Reads the next page after `last_sent` from the store.
+    /// Reads the next page after `last_sent`: from the local store, or from
+    /// the archive while `last_sent` is below the local frontier.
     async fn read_page(&mut self) -> Result<Vec<Utf8Bytes>, FollowError> {
         let store = self.store.clone();
         let session_id = self.session_id.clone();
         let after = self.last_sent;
-        let page = tokio::task::spawn_blocking(move || read_events(&store, &session_id, after))
+        let read = tokio::task::spawn_blocking(move || read_events(&store, &session_id, after))
             .await
             .map_err(|err| FollowError::Storage {
                 session_id: self.session_id.clone(),
                 reason: err.to_string(),
             })??;
 
+        let page = match read {
+            LocalRead::Page(page) => page,
+            LocalRead::Trimmed { trimmed_through } => self.read_archived(trimmed_through).await?,
+        };
         if let Some(last) = page.last() {
             self.last_sent = last.0;
         }
         Ok(page.into_iter().map(|(_, frame)| frame).collect())
+    }
+
+    /// Reads the next page after `last_sent` from the archive, up to
+    /// `trimmed_through` at most, checking that the seqs continue without a
+    /// gap: every trimmed event was archived first, so one missing means the
+    /// archive lost it.
+    async fn read_archived(
+        &self,
+        trimmed_through: u64,
+    ) -> Result<Vec<(u64, Utf8Bytes)>, FollowError> {
+        let Some(archive) = &self.archive else {
+            return Err(FollowError::NoArchive {
+                session_id: self.session_id.clone(),
+                trimmed_through,
+            });
+        };
+        let after = self.last_sent;
+        let frames = archive
+            .read(&self.session_id, after, trimmed_through, PAGE_EVENTS)
+            .await
+            .map_err(|err| FollowError::Archive {
+                session_id: self.session_id.clone(),
+                reason: err.to_string(),
+            })?;
+
+        let mut page = Vec::with_capacity(frames.len());
+        for (expected, (seq, frame)) in (after + 1..).zip(frames) {
+            if seq != expected {
+                return Err(self.archive_hole(expected));
+            }
+            page.push((seq, Utf8Bytes::from(frame)));
+        }
+        if page.is_empty() {
+            return Err(self.archive_hole(after + 1));
+        }
+        debug!(session_id = %self.session_id, from = after + 1, to = after + page.len() as u64, "archived events read for a tail");
+        Ok(page)
+    }
+
+    fn archive_hole(&self, missing: u64) -> FollowError {
+        warn!(session_id = %self.session_id, missing, "event missing from the archive, and trimmed locally");
+        FollowError::Archive {
+            session_id: self.session_id.clone(),
+            reason: format!(
+                "event {missing} is in neither the local store nor the Postgres archive"
+            ),
+        }
     }
 
     /// Waits for live events. Returns `None` when the follower must go back
@@ -159,35 +261,64 @@ impl Follower {
     }
 }
 
+/// Result of a local store read after some seq.
+enum LocalRead {
+    /// Up to one page of (seq, frame), empty when there is nothing newer.
+    Page(Vec<(u64, Utf8Bytes)>),
+    /// The next event was trimmed after it was archived: the archive has
+    /// everything up to this seq.
+    Trimmed { trimmed_through: u64 },
+}
+
 /// Reads up to one page of events with seq greater than `after`, checking
 /// that the seqs continue without a gap.
-fn read_events(
-    store: &Store,
-    session_id: &str,
-    after: u64,
-) -> Result<Vec<(u64, Utf8Bytes)>, FollowError> {
+fn read_events(store: &Store, session_id: &str, after: u64) -> Result<LocalRead, FollowError> {
     let Some(first) = after.checked_add(1) else {
-        return Ok(Vec::new());
+        return Ok(LocalRead::Page(Vec::new()));
+    };
+    let storage_error = |reason: String| FollowError::Storage {
+        session_id: session_id.to_string(),
+        reason,
     };
 
-    // Read before the events: every event up to this last_seq was written
-    // with or before the header, so the range below must contain them.
-    let last_seq = read_header(store, session_id)
-        .map_err(|err| FollowError::Storage {
-            session_id: session_id.to_string(),
-            reason: err.to_string(),
-        })?
-        .map_or(0, |header| header.last_seq);
+    // One instant for the header, the mark and the events: each apply batch
+    // is atomic, so they agree with each other.
+    let instant = store.keyspace.instant();
+    let header = store
+        .sessions
+        .snapshot_at(instant)
+        .get(keys::session(session_id))
+        .map_err(|err| storage_error(err.to_string()))?;
+    let last_seq = match header {
+        Some(bytes) => {
+            decode::<SessionHeader>(&bytes, "session header")
+                .map_err(|err| storage_error(err.to_string()))?
+                .last_seq
+        }
+        None => 0,
+    };
+    let mark = store
+        .archive_marks
+        .snapshot_at(instant)
+        .get(keys::archive_mark(session_id))
+        .map_err(|err| storage_error(err.to_string()))?;
+    if let Some(bytes) = mark {
+        let mark: ArchiveMark =
+            decode(&bytes, "archive mark").map_err(|err| storage_error(err.to_string()))?;
+        if first < mark.frontier() {
+            return Ok(LocalRead::Trimmed {
+                trimmed_through: mark.trimmed_through,
+            });
+        }
+    }
+
     let from = keys::event(session_id, first);
     let to = keys::event(session_id, u64::MAX);
-
     let mut page = Vec::new();
     let mut bytes = 0;
-    for (expected, item) in (first..).zip(store.events.range(from..=to)) {
-        let (key, value) = item.map_err(|err| FollowError::Storage {
-            session_id: session_id.to_string(),
-            reason: err.to_string(),
-        })?;
+    let events = store.events.snapshot_at(instant);
+    for (expected, item) in (first..).zip(events.range(from..=to)) {
+        let (key, value) = item.map_err(|err| storage_error(err.to_string()))?;
         let seq = keys::event_seq(&key).unwrap_or(0);
         if seq != expected {
             warn!(
@@ -201,10 +332,8 @@ fn read_events(
                 missing: expected,
             });
         }
-        let frame = String::from_utf8(value.to_vec()).map_err(|err| FollowError::Storage {
-            session_id: session_id.to_string(),
-            reason: format!("event {seq} is not valid UTF-8: {err}"),
-        })?;
+        let frame = String::from_utf8(value.to_vec())
+            .map_err(|err| storage_error(format!("event {seq} is not valid UTF-8: {err}")))?;
 
         bytes += frame.len();
         page.push((seq, Utf8Bytes::from(frame)));
@@ -225,5 +354,5 @@ fn read_events(
             missing: first,
         });
     }
-    Ok(page)
+    Ok(LocalRead::Page(page))
 }
