@@ -513,3 +513,72 @@ fn unusable_archive_settings_are_rejected() {
         );
     }
 }
+
+/// A replica that was down while its shard trimmed and purged its log
+/// catches up from a snapshot, which carries the trim marks: it keeps the
+/// same newest events as the others and serves the whole history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_carries_trims_to_a_lagging_replica() {
+    let _serial = POSTGRES.lock().await;
+    let url = fresh_database("snapshot").await;
+    let mut env = trim_env(&url, 50);
+    env.push(("STARCITE_SNAPSHOT_EVERY", "100".to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut cluster = tokio::task::block_in_place(|| common::cluster::Cluster::start(3, &env));
+    let session = "ses-archive-snapshot";
+    create_ok(cluster.node(1), session).await;
+
+    let leader = cluster.leader_of(session, 8, Duration::from_secs(10)).await;
+    let down = (1..=3u64).find(|node| *node != leader).expect("a follower");
+    for n in 1..=100 {
+        append_ok(cluster.node(leader), session, event_with_nul(n)).await;
+    }
+    cluster.node_mut(down).kill9();
+    // One append per Raft entry, so that the log passes several snapshots
+    // and the purge that follows them.
+    for n in 101..=1_500 {
+        append_ok(cluster.node(leader), session, event_with_nul(n)).await;
+    }
+    wait_for_metric(
+        cluster.node(leader),
+        "starcite_archive_tail_size",
+        50.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    let reference = tail_collect(
+        cluster.node(leader),
+        session,
+        0,
+        1_500,
+        Duration::from_secs(60),
+    )
+    .await;
+    common::assert_gapless(&reference, 1, 1_500, "tail from 0 on the leader");
+
+    tokio::task::block_in_place(|| cluster.node_mut(down).restart());
+    let frames = tail_collect(
+        cluster.node(down),
+        session,
+        0,
+        1_500,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        frames, reference,
+        "the restarted replica must serve the same frames as the leader"
+    );
+    let logs = cluster.node(down).logs();
+    assert!(
+        logs.contains("snapshot installed"),
+        "the restarted replica should have needed a snapshot; its log:\n{logs}"
+    );
+    wait_for_metric(
+        cluster.node(down),
+        "starcite_archive_tail_size",
+        50.0,
+        Duration::from_secs(30),
+    )
+    .await;
+}

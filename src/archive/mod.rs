@@ -89,15 +89,20 @@ pub struct ArchiveSink {
     pub hot: HotEvents,
 }
 
+impl ArchiveSink {
+    /// Marks the sessions of `events` as pending, taking the lock once:
+    /// this runs on the apply path.
+    fn mark_pending(&self, events: &[AppliedEvent]) {
+        let mut pending = self.pending.lock();
+        for event in events {
+            raise(&mut pending, &event.session_id, event.seq);
+        }
+    }
+}
+
 impl EventSink for ArchiveSink {
     fn publish(&self, events: Vec<AppliedEvent>) {
-        // One lock per applied batch: this runs on the apply path.
-        {
-            let mut pending = self.pending.lock();
-            for event in &events {
-                raise(&mut pending, &event.session_id, event.seq);
-            }
-        }
+        self.mark_pending(&events);
         if let Some(first) = events.first() {
             // Every event of one applied batch is of the same shard.
             let shard = keys::shard_of(&first.session_id, self.hot.shard_count());
@@ -112,8 +117,12 @@ impl EventSink for ArchiveSink {
         crate::metrics::record_archive_trimmed(events);
     }
 
-    fn replaced(&self, shard: u32, events: u64) {
-        self.hot.set(shard, events as i64);
+    fn replaced(&self, shard: u32, stored: u64, newest: Vec<AppliedEvent>) {
+        self.mark_pending(&newest);
+        self.hot.set(shard, stored as i64);
+        if !newest.is_empty() {
+            self.inner.publish(newest);
+        }
     }
 }
 

@@ -445,11 +445,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|err| io_error(subject(), ErrorVerb::Write, err))?;
         info!(shard = self.shard, snapshot = %meta.snapshot_id, "snapshot installed");
 
-        self.sink.replaced(self.shard, events as u64);
-        let newest = image.newest_events();
-        if !newest.is_empty() {
-            self.sink.publish(newest);
-        }
+        self.sink
+            .replaced(self.shard, events as u64, image.newest_events());
         Ok(())
     }
 
