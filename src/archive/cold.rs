@@ -1,9 +1,23 @@
 //! Cold reads: events that the local store has trimmed, read back from the
 //! Postgres archive for tails that start below the local frontier.
 
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::rows::{format_inserted_at, ArchivedFrame};
+
+/// Rows fetched from the portal per round trip. A page stops early once its
+/// frames reach the byte budget, so large events cost no more than a fetch
+/// of extra rows.
+const FETCH_ROWS: i32 = 128;
+
+/// Selects archived events in seq order. The JSON columns come back as
+/// text and go into the frame without being decoded into values.
+const SELECT_EVENTS: &str =
+    "SELECT seq, type, payload::text, actor, source, metadata::text, refs::text,
+            idempotency_key, round(extract(epoch FROM inserted_at) * 1000000)::bigint, frame
+     FROM events
+     WHERE session_id = $1 AND seq > $2 AND seq <= $3
+     ORDER BY seq";
 
 /// Reads archived events. Cheap to clone: it shares the archive's pool.
 #[derive(Clone)]
@@ -18,6 +32,16 @@ pub enum ColdError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("reading the Postgres archive failed: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    #[error("archived event {seq} has a JSON column Postgres returned as invalid JSON: {reason}")]
+    Json { seq: u64, reason: String },
+}
+
+/// Limits of one page of archived frames.
+pub struct PageLimit {
+    pub events: usize,
+    /// Frame bytes; the page ends after the frame that reaches it, so it
+    /// always holds at least one event.
+    pub bytes: usize,
 }
 
 impl ColdReader {
@@ -26,56 +50,71 @@ impl ColdReader {
     }
 
     /// Returns the frames of the session's archived events with seq in
-    /// `after + 1 ..= through`, at most `limit` of them, in seq order. The
-    /// caller checks that the seqs continue without a gap.
+    /// `after + 1 ..= through`, in seq order, up to `limit`. The caller
+    /// checks that the seqs continue without a gap.
     pub async fn read(
         &self,
         session_id: &str,
         after: u64,
         through: u64,
-        limit: usize,
+        limit: &PageLimit,
     ) -> Result<Vec<(u64, String)>, ColdError> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT seq, type, payload, actor, source, metadata, refs, idempotency_key,
-                        round(extract(epoch FROM inserted_at) * 1000000)::bigint, frame
-                 FROM events
-                 WHERE session_id = $1 AND seq > $2 AND seq <= $3
-                 ORDER BY seq
-                 LIMIT $4",
-                &[
-                    &session_id,
-                    &(after as i64),
-                    &(through as i64),
-                    &(limit as i64),
-                ],
+        let mut client = self.pool.get().await?;
+        let statement = client.prepare_cached(SELECT_EVENTS).await?;
+        // A portal lives inside a transaction; this one only reads.
+        let transaction = client.build_transaction().read_only(true).start().await?;
+        let portal = transaction
+            .bind(
+                &statement,
+                &[&session_id, &(after as i64), &(through as i64)],
             )
             .await?;
 
-        let mut frames = Vec::with_capacity(rows.len());
-        for row in rows {
-            let seq = row.get::<_, i64>(0) as u64;
-            if let Some(frame) = row.get::<_, Option<String>>(9) {
-                frames.push((seq, frame));
-                continue;
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let rows = transaction.query_portal(&portal, FETCH_ROWS).await?;
+            if rows.is_empty() {
+                break;
             }
-            let payload: Value = row.get(2);
-            let metadata: Value = row.get(5);
-            let refs: Value = row.get(6);
-            let frame = ArchivedFrame {
-                seq,
-                kind: row.get(1),
-                payload: &payload,
-                actor: row.get(3),
-                source: row.get(4),
-                metadata: &metadata,
-                refs: &refs,
-                idempotency_key: row.get(7),
-                inserted_at: format_inserted_at(row.get(8)),
-            };
-            frames.push((seq, frame.render()));
+            for row in &rows {
+                let (seq, frame) = render(row)?;
+                bytes += frame.len();
+                frames.push((seq, frame));
+                if frames.len() >= limit.events || bytes >= limit.bytes {
+                    return Ok(frames);
+                }
+            }
         }
         Ok(frames)
     }
+}
+
+/// Renders one row of [`SELECT_EVENTS`] as a tail frame: the stored frame
+/// when the row has one, otherwise the columns in frame order.
+fn render(row: &tokio_postgres::Row) -> Result<(u64, String), ColdError> {
+    let seq = row.get::<_, i64>(0) as u64;
+    if let Some(frame) = row.get::<_, Option<String>>(9) {
+        return Ok((seq, frame));
+    }
+
+    let json = |index: usize| -> Result<Box<RawValue>, ColdError> {
+        RawValue::from_string(row.get::<_, String>(index)).map_err(|err| ColdError::Json {
+            seq,
+            reason: err.to_string(),
+        })
+    };
+    let (payload, metadata, refs) = (json(2)?, json(5)?, json(6)?);
+    let frame = ArchivedFrame {
+        seq,
+        kind: row.get(1),
+        payload: &*payload,
+        actor: row.get(3),
+        source: row.get(4),
+        metadata: &*metadata,
+        refs: &*refs,
+        idempotency_key: row.get(7),
+        inserted_at: format_inserted_at(row.get(8)),
+    };
+    Ok((seq, frame.render()))
 }

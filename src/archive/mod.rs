@@ -23,7 +23,7 @@ mod hot;
 mod rows;
 mod schema;
 
-pub use cold::{ColdError, ColdReader};
+pub use cold::{ColdError, ColdReader, PageLimit};
 pub use hot::{scan, HotEvents, StoredSessions};
 
 use std::collections::{BTreeMap, HashMap};
@@ -291,7 +291,8 @@ impl Archiver {
                 backlog.add(self.estimate_left(session_id, *seq));
                 continue;
             }
-            match self.archive_session(session_id).await {
+            let deadline = started + self.settings.flush_interval;
+            match self.archive_session_batches(session_id, deadline).await {
                 Ok(0) => {}
                 Ok(left) => {
                     self.pending.mark(session_id, *seq);
@@ -360,6 +361,22 @@ impl Archiver {
             }
         }
         still_pending
+    }
+
+    /// Copies a session's unarchived events batch after batch until none is
+    /// left or `deadline` passes, so that one busy session is not limited
+    /// to one batch per flush interval. Returns how many are still left.
+    async fn archive_session_batches(
+        &mut self,
+        session_id: &str,
+        deadline: Instant,
+    ) -> Result<u64, ArchiveError> {
+        loop {
+            let left = self.archive_session(session_id).await?;
+            if left == 0 || Instant::now() >= deadline {
+                return Ok(left);
+            }
+        }
     }
 
     /// Copies the next batch of a session's unarchived events. Returns how

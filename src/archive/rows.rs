@@ -92,22 +92,23 @@ pub fn clean_text(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// An archived event as a tail frame: the same fields in the same order as
-/// [`crate::session::event::frame`] writes them.
+/// [`crate::session::event::frame`] writes them. `J` is the type of the JSON
+/// columns, a parsed value or raw JSON text.
 #[derive(Serialize)]
-pub struct ArchivedFrame<'a> {
+pub struct ArchivedFrame<'a, J: Serialize + ?Sized> {
     pub seq: u64,
     #[serde(rename = "type")]
     pub kind: &'a str,
-    pub payload: &'a Value,
+    pub payload: &'a J,
     pub actor: &'a str,
     pub source: Option<&'a str>,
-    pub metadata: &'a Value,
-    pub refs: &'a Value,
+    pub metadata: &'a J,
+    pub refs: &'a J,
     pub idempotency_key: Option<&'a str>,
     pub inserted_at: String,
 }
 
-impl ArchivedFrame<'_> {
+impl<J: Serialize + ?Sized> ArchivedFrame<'_, J> {
     /// Renders the frame as compact JSON.
     pub fn render(&self) -> String {
         // Serializing strings and JSON values cannot fail.

@@ -13,7 +13,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, warn};
 
 use super::hub::Subscription;
-use crate::archive::ColdReader;
+use crate::archive::{ColdReader, PageLimit};
 use crate::consensus::codec::decode;
 use crate::session::header::SessionHeader;
 use crate::session::retention::ArchiveMark;
@@ -181,7 +181,15 @@ impl Follower {
         };
         let after = self.last_sent;
         let frames = archive
-            .read(&self.session_id, after, trimmed_through, PAGE_EVENTS)
+            .read(
+                &self.session_id,
+                after,
+                trimmed_through,
+                &PageLimit {
+                    events: PAGE_EVENTS,
+                    bytes: PAGE_BYTES,
+                },
+            )
             .await
             .map_err(|err| FollowError::Archive {
                 session_id: self.session_id.clone(),
