@@ -1,6 +1,8 @@
 //! Cold reads: events that the local store has trimmed, read back from the
 //! Postgres archive for tails that start below the local frontier.
 
+use std::time::Duration;
+
 use serde_json::value::RawValue;
 
 use super::rows::{format_inserted_at, ArchivedFrame};
@@ -9,6 +11,11 @@ use super::rows::{format_inserted_at, ArchivedFrame};
 /// frames reach the byte budget, so large events cost no more than a fetch
 /// of extra rows.
 const FETCH_ROWS: i32 = 128;
+
+/// Maximum time one page may take. A page normally takes milliseconds, so
+/// this ends only reads from a Postgres that stopped answering, which then
+/// close the tail with an error instead of leaving it waiting.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Selects archived events in seq order. The JSON columns come back as
 /// text and go into the frame without being decoded into values.
@@ -32,6 +39,8 @@ pub enum ColdError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("reading the Postgres archive failed: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    #[error("reading the Postgres archive timed out after {0:?}")]
+    TimedOut(Duration),
     #[error("archived event {seq} has a JSON column Postgres returned as invalid JSON: {reason}")]
     Json { seq: u64, reason: String },
 }
@@ -40,7 +49,7 @@ pub enum ColdError {
 pub struct PageLimit {
     pub events: usize,
     /// Frame bytes; the page ends after the frame that reaches it, so it
-    /// always holds at least one event.
+    /// always contains at least one event.
     pub bytes: usize,
 }
 
@@ -53,6 +62,21 @@ impl ColdReader {
     /// `after + 1 ..= through`, in seq order, up to `limit`. The caller
     /// checks that the seqs continue without a gap.
     pub async fn read(
+        &self,
+        session_id: &str,
+        after: u64,
+        through: u64,
+        limit: &PageLimit,
+    ) -> Result<Vec<(u64, String)>, ColdError> {
+        tokio::time::timeout(
+            PAGE_TIMEOUT,
+            self.read_page(session_id, after, through, limit),
+        )
+        .await
+        .map_err(|_| ColdError::TimedOut(PAGE_TIMEOUT))?
+    }
+
+    async fn read_page(
         &self,
         session_id: &str,
         after: u64,

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::consensus::state_machine::{read_header, read_mark};
 use crate::storage::{keys, Store};
@@ -65,17 +65,26 @@ pub fn scan(store: &Store) -> StoredSessions {
         let key = match item {
             Ok((key, _)) => key,
             Err(err) => {
-                warn!(error = %err, "scanning stored sessions failed; the hot tier gauge may be low");
+                error!(
+                    error = %err,
+                    scanned = sessions.len(),
+                    "scanning stored sessions failed; the sessions not reached are archived only once \
+                     they get new events, and the hot tier gauge counts only those scanned"
+                );
                 break;
             }
         };
         let id = String::from_utf8_lossy(&key).into_owned();
+        // Decode failures are logged by the state machine's codec.
         let Ok(Some(header)) = read_header(store, &id) else {
             continue;
         };
         let trimmed = match read_mark(store, &id) {
             Ok(mark) => mark.unwrap_or_default().trimmed_through,
-            Err(_) => 0,
+            Err(err) => {
+                warn!(session_id = %id, error = %err, "reading the archive mark failed; counting every event of the session as local");
+                0
+            }
         };
         hot.add(
             keys::shard_of(&id, shards),

@@ -22,11 +22,12 @@ mod cold;
 mod hot;
 mod rows;
 mod schema;
+mod trim;
 
 pub use cold::{ColdError, ColdReader, PageLimit};
 pub use hot::{scan, HotEvents, StoredSessions};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::cluster::Router;
 use crate::consensus::state_machine::{read_header, read_mark};
-use crate::consensus::{AppliedEvent, ArchivedCommand, Command, EventSink, Outcome};
+use crate::consensus::{AppliedEvent, EventSink};
 use crate::storage::{keys, Store};
 use rows::{clean_text, insert_events, Row};
 
@@ -51,10 +52,6 @@ pub struct ArchiveSettings {
     /// they are archived.
     pub tail_keep: u64,
 }
-
-/// Sessions in one trim command at most, so that a node with many
-/// sessions to trim sends several modest log entries instead of one huge one.
-const TRIM_SESSIONS_PER_COMMAND: usize = 1024;
 
 /// `archived_seq` values remembered at most; past it the record starts over
 /// and is filled again from Postgres.
@@ -136,20 +133,45 @@ fn raise(pending: &mut HashMap<String, u64>, session_id: &str, seq: u64) {
     }
 }
 
+/// Maximum time one batch of a session may take to reach Postgres before
+/// the flush gives up and retries later. A batch normally takes
+/// milliseconds, so this only ends a connection to a Postgres that stopped
+/// answering.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Maximum wait for a Postgres connection: for a free one from the pool,
+/// or for a new one to connect. A Postgres that drops packets instead of
+/// refusing connections then fails a flush or a cold read in seconds.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Creates the connection pool shared by the archiver and cold reads. No
-/// connection is opened until one is needed.
+/// connection is opened until one is needed. A `connect_timeout` in the URL
+/// takes precedence over [`CONNECT_TIMEOUT`].
 pub fn pool(settings: &ArchiveSettings) -> anyhow::Result<deadpool_postgres::Pool> {
-    let mut config = deadpool_postgres::Config::new();
-    config.url = Some(settings.database_url.clone());
-    config.pool = Some(deadpool_postgres::PoolConfig::new(settings.pool_size));
-    config
-        .create_pool(
-            Some(deadpool_postgres::Runtime::Tokio1),
-            tokio_postgres::NoTls,
-        )
-        .map_err(|err| {
-            anyhow::anyhow!("configuring the Postgres pool failed: {err}; check DATABASE_URL")
-        })
+    let mut config: tokio_postgres::Config = settings.database_url.parse().map_err(|err| {
+        anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {err}; expected postgres://user:password@host:port/database")
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    // Keepalives notice a Postgres host that vanished while a connection idles.
+    config.keepalives_idle(Duration::from_secs(30));
+
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(settings.pool_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|err| anyhow::anyhow!("configuring the Postgres pool failed: {err}"))
 }
 
 /// The archiver task's state.
@@ -162,9 +184,9 @@ pub struct Archiver {
     hot: HotEvents,
     /// `archived_seq` of the sessions archived by this node, as last written.
     archived: HashMap<String, u64>,
-    /// Sessions whose archived events may be trimmed, with the archived seq
-    /// to send through their shard's log. Kept until the log has taken it.
-    trims_due: HashMap<String, u64>,
+    /// Trims this node's flushes made possible, until the shard's log has
+    /// taken them.
+    trims: trim::TrimQueue,
 }
 
 /// Failure to archive a session in this flush.
@@ -176,6 +198,8 @@ enum ArchiveError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("local store: {0}")]
     Store(String),
+    #[error("writing one batch to Postgres took longer than {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Handles and settings the archiver starts with.
@@ -202,7 +226,7 @@ impl Archiver {
             pool: parts.pool,
             hot: parts.hot,
             archived: HashMap::new(),
-            trims_due: HashMap::new(),
+            trims: trim::TrimQueue::default(),
         };
         tokio::spawn(archiver.run(shutdown))
     }
@@ -306,7 +330,9 @@ impl Archiver {
             }
         }
         backlog.sessions += self.keep_unarchived(followed).await;
-        self.send_trims().await;
+        self.trims
+            .send(&self.store, &self.router, self.settings.tail_keep)
+            .await;
         crate::metrics::record_archive_flush(
             started.elapsed(),
             backlog.sessions,
@@ -372,7 +398,9 @@ impl Archiver {
         deadline: Instant,
     ) -> Result<u64, ArchiveError> {
         loop {
-            let left = self.archive_session(session_id).await?;
+            let left = tokio::time::timeout(BATCH_TIMEOUT, self.archive_session(session_id))
+                .await
+                .map_err(|_| ArchiveError::TimedOut(BATCH_TIMEOUT))??;
             if left == 0 || Instant::now() >= deadline {
                 return Ok(left);
             }
@@ -388,21 +416,20 @@ impl Archiver {
             return Ok(0);
         };
 
+        let mark = read_mark(&self.store, session_id)
+            .map_err(|err| ArchiveError::Store(err.to_string()))?
+            .unwrap_or_default();
         let mut client = self.pool.get().await?;
-        let archived = match self.archived.get(session_id) {
-            Some(seq) => *seq,
-            None => {
-                let row = client
-                    .query_opt(
-                        "SELECT archived_seq FROM sessions WHERE id = $1",
-                        &[&session_id],
-                    )
-                    .await?;
-                row.map_or(0, |row| row.get::<_, i64>(0) as u64)
-            }
-        };
-
-        let archived = self.skip_trimmed(session_id, archived)?;
+        let known = self
+            .archived_seq(&client, session_id, mark.trimmed_through)
+            .await?;
+        if let Some(archived) = known.filter(|archived| *archived >= header.last_seq) {
+            // Postgres has it all, possibly more than this replica applied
+            // yet (it was not the leader a moment ago).
+            self.archived.insert(session_id.to_string(), archived);
+            return Ok(0);
+        }
+        let archived = skip_trimmed(session_id, known.unwrap_or(0), mark.trimmed_through);
 
         let upto = header
             .last_seq
@@ -428,7 +455,8 @@ impl Archiver {
                          timestamptz 'epoch' + $4::bigint * interval '1 microsecond',
                          timestamptz 'epoch' + $5::bigint * interval '1 microsecond')
                  ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title,
-                     metadata = EXCLUDED.metadata, updated_at = EXCLUDED.updated_at",
+                     metadata = EXCLUDED.metadata,
+                     updated_at = greatest(sessions.updated_at, EXCLUDED.updated_at)",
                 &[
                     &session_id,
                     &title.as_deref(),
@@ -449,7 +477,13 @@ impl Archiver {
 
         crate::metrics::record_archive_inserted(inserted as usize, bytes);
         self.archived.insert(session_id.to_string(), upto);
-        self.schedule_trim(session_id, upto, header.last_seq)?;
+        self.trims.schedule(
+            session_id,
+            upto,
+            header.last_seq,
+            &self.store,
+            self.settings.tail_keep,
+        );
         debug!(
             session_id,
             from = archived + 1,
@@ -460,92 +494,28 @@ impl Archiver {
         Ok(header.last_seq.saturating_sub(upto))
     }
 
-    /// Returns where archiving a session resumes: after `archived`, the
-    /// archived seq Postgres (or this node's record) gives, but never
-    /// inside the events the local store has trimmed, which it cannot read.
-    /// Postgres behind the trimmed point means it lost archived events, for
-    /// example after a restore from an older backup. They cannot be written
-    /// again, so the gap is logged as an error and skipped.
-    fn skip_trimmed(&self, session_id: &str, archived: u64) -> Result<u64, ArchiveError> {
-        let mark = read_mark(&self.store, session_id)
-            .map_err(|err| ArchiveError::Store(err.to_string()))?
-            .unwrap_or_default();
-        if archived < mark.trimmed_through {
-            error!(
-                session_id,
-                postgres_archived_seq = archived,
-                trimmed_through = mark.trimmed_through,
-                "the archive lacks events this node has already trimmed; they cannot be archived again. \
-                 Was the database restored from an older backup or DATABASE_URL changed?"
-            );
-        }
-        Ok(archived.max(mark.trimmed_through))
-    }
-
-    /// Queues the trim a newly archived point allows, if any: only once the
-    /// archive is more than `tail_keep` events behind the session's end
-    /// does a trim delete anything, so shorter sessions add no log entries.
-    fn schedule_trim(
-        &mut self,
+    /// Returns the session's `archived_seq`, or `None` when Postgres has no
+    /// row for it yet. This node's record is used unless it lies below the
+    /// trimmed seq: then another leader archived further meanwhile, and
+    /// Postgres is asked.
+    async fn archived_seq(
+        &self,
+        client: &deadpool_postgres::Object,
         session_id: &str,
-        archived: u64,
-        last_seq: u64,
-    ) -> Result<(), ArchiveError> {
-        let mark = read_mark(&self.store, session_id)
-            .map_err(|err| ArchiveError::Store(err.to_string()))?
-            .unwrap_or_default();
-        let after = mark.advance(archived, last_seq, self.settings.tail_keep);
-        if after.trimmed_through > mark.trimmed_through {
-            let due = self.trims_due.entry(session_id.to_string()).or_default();
-            *due = (*due).max(archived);
-        }
-        Ok(())
-    }
-
-    /// Sends the queued trims through each shard's Raft log, one command per
-    /// shard (and per [`TRIM_SESSIONS_PER_COMMAND`] sessions). A failed send
-    /// stays queued for the next flush.
-    async fn send_trims(&mut self) {
-        if self.trims_due.is_empty() {
-            return;
-        }
-        let mut by_shard: BTreeMap<u32, Vec<(String, u64)>> = BTreeMap::new();
-        for (session_id, archived) in &self.trims_due {
-            by_shard
-                .entry(self.router.shard_of(session_id))
-                .or_default()
-                .push((session_id.clone(), *archived));
-        }
-
-        for (shard, sessions) in by_shard {
-            for chunk in sessions.chunks(TRIM_SESSIONS_PER_COMMAND) {
-                let command = Command::Archived(ArchivedCommand {
-                    sessions: chunk.to_vec(),
-                    tail_keep: self.settings.tail_keep,
-                });
-                match self.router.write(command, &chunk[0].0).await {
-                    Ok(Outcome::Archived { trimmed }) => {
-                        debug!(
-                            shard,
-                            sessions = chunk.len(),
-                            trimmed,
-                            "archived events trimmed"
-                        );
-                        for (session_id, archived) in chunk {
-                            if self.trims_due.get(session_id) == Some(archived) {
-                                self.trims_due.remove(session_id);
-                            }
-                        }
-                    }
-                    Ok(other) => {
-                        warn!(shard, outcome = ?other, "trim command got an unexpected outcome; retrying next flush");
-                    }
-                    Err(err) => {
-                        warn!(shard, sessions = chunk.len(), error = %err, "sending a trim through the shard's log failed; retrying next flush");
-                    }
-                }
+        trimmed_through: u64,
+    ) -> Result<Option<u64>, ArchiveError> {
+        if let Some(seq) = self.archived.get(session_id) {
+            if *seq >= trimmed_through {
+                return Ok(Some(*seq));
             }
         }
+        let row = client
+            .query_opt(
+                "SELECT archived_seq FROM sessions WHERE id = $1",
+                &[&session_id],
+            )
+            .await?;
+        Ok(row.map(|row| row.get::<_, i64>(0) as u64))
     }
 
     /// Reads events `from..=to` of a session from the local store.
@@ -569,6 +539,24 @@ impl Archiver {
         }
         Ok(rows)
     }
+}
+
+/// Returns where archiving a session resumes: after `archived`, the seq
+/// Postgres gives, but never inside the events the local store has trimmed,
+/// which it cannot read. Postgres behind the trimmed seq means it lost
+/// archived events, for example after a restore from an older backup. They
+/// cannot be written again, so the gap is logged as an error and skipped.
+fn skip_trimmed(session_id: &str, archived: u64, trimmed_through: u64) -> u64 {
+    if archived < trimmed_through {
+        error!(
+            session_id,
+            postgres_archived_seq = archived,
+            trimmed_through,
+            "the archive lacks events this node has already trimmed, so they cannot be archived again; \
+             was the database restored from an older backup or DATABASE_URL changed?"
+        );
+    }
+    archived.max(trimmed_through)
 }
 
 /// Returns a JSON text that Postgres accepts as `jsonb`: U+0000 in its

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode, io_error};
 use super::AppliedEvent;
+use crate::session::retention::ArchiveMark;
 use crate::storage::{keys, Store};
 
 /// Version of the image layout. An image of another version is rejected.
@@ -90,6 +91,26 @@ fn session_ids(
     Ok(ids)
 }
 
+/// Iterates over a session's events in the store from its local frontier
+/// on. Starting there skips the deletion markers that trimming left below it,
+/// which the engine would otherwise walk until compaction removes them.
+fn local_events(
+    store: &Store,
+    id: &str,
+) -> Result<impl Iterator<Item = fjall::Result<fjall::KvPair>>, StorageError<u64>> {
+    let frontier = match store
+        .archive_marks
+        .get(keys::archive_mark(id))
+        .map_err(read_error)?
+    {
+        Some(bytes) => decode::<ArchiveMark>(&bytes, "archive mark")?.frontier(),
+        None => 1,
+    };
+    Ok(store
+        .events
+        .range(keys::event(id, frontier)..=keys::event(id, u64::MAX)))
+}
+
 /// Builds the image of `shard` from every session of that shard in the store.
 pub fn build(store: &Store, shard: u32, shard_count: u32) -> Result<ShardImage, StorageError<u64>> {
     let mut image = ShardImage {
@@ -103,7 +124,7 @@ pub fn build(store: &Store, shard: u32, shard_count: u32) -> Result<ShardImage, 
         let prefix = keys::event_prefix(&id);
 
         let mut events = Vec::new();
-        for item in store.events.prefix(&prefix) {
+        for item in local_events(store, &id)? {
             let (key, value) = item.map_err(read_error)?;
             let seq = keys::event_seq(&key).ok_or_else(|| read_error("event key too short"))?;
             events.push((seq, value.to_vec()));
@@ -198,7 +219,7 @@ pub fn replace(
             batch.remove(&store.archive_marks, mark_key);
         }
         let prefix = keys::event_prefix(&id);
-        for item in store.events.prefix(&prefix) {
+        for item in local_events(store, &id)? {
             let (key, _) = item.map_err(read_error)?;
             if !events.contains_key(key.as_ref()) {
                 batch.remove(&store.events, key);
@@ -277,7 +298,13 @@ mod tests {
             .unwrap();
         store
             .archive_marks
-            .insert(keys::archive_mark(id), format!("{id} mark {events}"))
+            .insert(
+                keys::archive_mark(id),
+                encode(&ArchiveMark {
+                    archived_seq: events,
+                    trimmed_through: 0,
+                }),
+            )
             .unwrap();
     }
 
@@ -334,6 +361,43 @@ mod tests {
             contents(&expected),
             "after the install the follower must equal the leader on shard 0 and keep shard {}",
             keys::shard_of(&elsewhere, SHARDS)
+        );
+    }
+
+    #[test]
+    fn install_drops_events_the_leader_trimmed() {
+        let (on_zero, _) = ids();
+        let id = &on_zero[0];
+        let leader_dir = tempfile::tempdir().unwrap();
+        let leader = open(leader_dir.path());
+        put_session(&leader, id, 5, "a");
+        let trimmed = ArchiveMark {
+            archived_seq: 4,
+            trimmed_through: 2,
+        };
+        leader
+            .archive_marks
+            .insert(keys::archive_mark(id), encode(&trimmed))
+            .unwrap();
+        for seq in 1..=2 {
+            leader.events.remove(keys::event(id, seq)).unwrap();
+        }
+
+        // The follower has the untrimmed copy of an older state.
+        let follower_dir = tempfile::tempdir().unwrap();
+        let follower = open(follower_dir.path());
+        put_session(&follower, id, 3, "a");
+
+        let image = from_bytes(&to_bytes(&build(&leader, 0, SHARDS).unwrap())).unwrap();
+        assert_eq!(image.size(), (1, 3), "the image holds events 3 to 5");
+        let mut batch = follower.keyspace.batch();
+        replace(&follower, 0, SHARDS, &image, &mut batch).unwrap();
+        batch.commit().unwrap();
+
+        assert_eq!(
+            contents(&follower),
+            contents(&leader),
+            "the follower must drop events 1 and 2 and take the leader's mark"
         );
     }
 

@@ -56,6 +56,12 @@ struct PendingWrites {
     idempotency: HashMap<(String, String), IdempotencyRecord>,
     marks: HashMap<String, ArchiveMark>,
     events: Vec<AppliedEvent>,
+    /// Store key of each event appended in this batch, with its index in
+    /// `events`. They are written to the batch only at the end, because a
+    /// follower catching up may apply an append and the trim covering it in
+    /// one batch. The trim then drops the insert, and the batch never holds
+    /// an insert and a remove of one key, whose order fjall does not define.
+    new_events: HashMap<Vec<u8>, usize>,
     /// (session id, events deleted from the local store)
     trims: Vec<(String, u64)>,
 }
@@ -193,7 +199,10 @@ impl StateMachine {
             }
 
             for seq in before.frontier()..=after.trimmed_through {
-                batch.remove(&self.store.events, keys::event(id, seq));
+                let key = keys::event(id, seq);
+                if pending.new_events.remove(&key).is_none() {
+                    batch.remove(&self.store.events, key);
+                }
             }
             batch.insert(
                 &self.store.archive_marks,
@@ -265,11 +274,9 @@ impl StateMachine {
         };
 
         let frame = event::frame(seq, &append.frame_tail);
-        batch.insert(
-            &self.store.events,
-            keys::event(&append.session_id, seq),
-            frame.as_bytes(),
-        );
+        pending
+            .new_events
+            .insert(keys::event(&append.session_id, seq), pending.events.len());
         if let Some(key) = &append.idempotency_key {
             let record = IdempotencyRecord {
                 seq,
@@ -356,6 +363,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             outcomes.push(outcome);
         }
 
+        for (key, index) in pending.new_events.drain() {
+            batch.insert(
+                &self.store.events,
+                key,
+                pending.events[index].frame.as_bytes(),
+            );
+        }
         for (id, header) in &pending.headers {
             batch.insert(&self.store.sessions, keys::session(id), encode(header));
         }
