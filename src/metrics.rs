@@ -62,6 +62,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             ],
         )?
         .set_buckets_for_metric(
+            Matcher::Full(ARCHIVE_FLUSH_MS.into()),
+            &[
+                1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+                30000.0,
+            ],
+        )?
+        .set_buckets_for_metric(
             Matcher::Full(FSYNC_BATCH.into()),
             &[
                 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
@@ -259,13 +266,36 @@ pub fn record_archive_flush(
     gauge!(ARCHIVE_LAG).set(lag as f64);
 }
 
+/// Creates every archive series at zero, so that `/metrics` lists them
+/// (and alerts on them work) before the first flush, even while Postgres
+/// is unreachable.
+pub fn register_archive() {
+    for name in [
+        ARCHIVE_ATTEMPTED,
+        ARCHIVE_INSERTED,
+        ARCHIVE_BYTES_ATTEMPTED,
+        ARCHIVE_BYTES_INSERTED,
+        ARCHIVE_TRIMMED,
+    ] {
+        counter!(name).increment(0);
+    }
+    for name in [
+        ARCHIVE_PENDING_SESSIONS,
+        ARCHIVE_PENDING_ROWS,
+        ARCHIVE_LAG,
+        ARCHIVE_TAIL_SIZE,
+    ] {
+        gauge!(name).set(0.0);
+    }
+    let _ = histogram!(ARCHIVE_FLUSH_MS);
+}
+
 pub fn record_archive_trimmed(events: u64) {
     counter!(ARCHIVE_TRIMMED).increment(events);
 }
 
 pub fn record_archive_tail_size(events: u64) {
     gauge!(ARCHIVE_TAIL_SIZE).set(events as f64);
-    counter!(ARCHIVE_TRIMMED).increment(0);
 }
 
 pub fn record_forward(kind: &'static str, result: &'static str) {

@@ -458,6 +458,21 @@ async fn trimmed_history_is_tailed_across_the_seam() {
     }
     let local = tail_collect(&server, session, 210, 230, Duration::from_secs(30)).await;
     common::assert_gapless(&local, 211, 230, "local tail while Postgres is down");
+    // The bundled client reports that close as a failure.
+    let url = server.ws(&common::tail_path(session, "cursor=0"));
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_starcite-tail"))
+            .arg(&url)
+            .output()
+            .expect("running starcite-tail")
+    });
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "starcite-tail exit; stderr: {stderr}"
+    );
+    assert!(stderr.contains("1011"), "stderr: {stderr}");
     run(&std::env::var("STARCITE_TEST_PG_START").expect("STARCITE_TEST_PG_START"));
 
     // A crash after trimming keeps the seam: the marks are in the store.
@@ -581,4 +596,50 @@ async fn snapshot_carries_trims_to_a_lagging_replica() {
         Duration::from_secs(30),
     )
     .await;
+}
+
+/// With Postgres unreachable the server serves at once, and every archive
+/// series is listed from the start, so alerts on them can fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_metrics_exist_while_postgres_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = archive_env("postgres://starcite@127.0.0.1:1/none");
+    let server = tokio::task::block_in_place(|| start(dir.path(), &env));
+    create_ok(&server, "ses-archive-unreachable").await;
+    append_ok(&server, "ses-archive-unreachable", event(1)).await;
+
+    let metrics = common::metrics_text(&server).await;
+    for name in [
+        "starcite_archive_pending_rows",
+        "starcite_archive_pending_sessions",
+        "starcite_archive_attempted_total",
+        "starcite_archive_inserted_total",
+        "starcite_archive_bytes_attempted_total",
+        "starcite_archive_bytes_inserted_total",
+        "starcite_archive_flush_duration_ms_count",
+        "starcite_archive_lag",
+        "starcite_archive_tail_size",
+        "starcite_archive_trimmed_total",
+    ] {
+        assert!(
+            common::metric_sum(&metrics, name).is_some(),
+            "{name} is missing from /metrics:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("# TYPE starcite_archive_flush_duration_ms histogram"),
+        "the flush duration must be a histogram:\n{metrics}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = server.logs();
+        if logs.contains("migrating the archive schema failed") && logs.contains("refused") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log should name the cause of the failed connect:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

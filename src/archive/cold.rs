@@ -13,7 +13,7 @@ use super::rows::{format_inserted_at, ArchivedFrame};
 const FETCH_ROWS: i32 = 128;
 
 /// Maximum time one page may take. A page normally takes milliseconds, so
-/// this ends only reads from a Postgres that stopped answering, which then
+/// this ends only reads from a Postgres that stopped responding, which then
 /// close the tail with an error instead of leaving it waiting.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
 

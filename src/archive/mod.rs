@@ -136,7 +136,7 @@ fn raise(pending: &mut HashMap<String, u64>, session_id: &str, seq: u64) {
 /// Maximum time one batch of a session may take to reach Postgres before
 /// the flush gives up and retries later. A batch normally takes
 /// milliseconds, so this only ends a connection to a Postgres that stopped
-/// answering.
+/// responding.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Maximum wait for a Postgres connection: for a free one from the pool,
@@ -217,6 +217,7 @@ impl Archiver {
     /// retrying while Postgres is unreachable, then flushes every interval
     /// until `shutdown`, and once more after it.
     pub fn start(parts: ArchiverParts, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        crate::metrics::register_archive();
         crate::metrics::record_archive_tail_size(parts.hot.total());
         let archiver = Archiver {
             settings: parts.settings,
@@ -252,13 +253,13 @@ impl Archiver {
                 Ok(()) => backoff.reset(),
                 Err(err) => {
                     let delay = backoff.next();
-                    warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "archive flush failed; retrying");
+                    warn!(error = %error_chain(&err), retry_in_ms = delay.as_millis() as u64, "archive flush failed; retrying");
                 }
             }
         }
 
         if let Err(err) = self.flush().await {
-            warn!(error = %err, "final archive flush failed; the next start archives the rest");
+            warn!(error = %error_chain(&err), "final archive flush failed; the next start archives the rest");
         }
         info!("archiver stopped");
     }
@@ -275,7 +276,7 @@ impl Archiver {
                 }
                 Err(err) => {
                     let delay = backoff.next();
-                    warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "migrating the archive schema failed; retrying");
+                    warn!(error = %error_chain(&err), retry_in_ms = delay.as_millis() as u64, "migrating the archive schema failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return false,
                         _ = tokio::time::sleep(delay) => {}
@@ -291,8 +292,8 @@ impl Archiver {
     }
 
     /// Archives every pending session this node leads, then sends the trims
-    /// that became possible. Sessions that fail or have more events than one
-    /// batch stay pending.
+    /// that became possible. Sessions that fail, or still have events left
+    /// when the flush interval has passed, stay pending.
     async fn flush(&mut self) -> Result<(), ArchiveError> {
         let started = Instant::now();
         let pending = self.pending.take();
@@ -369,12 +370,12 @@ impl Archiver {
                     .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
                     .collect(),
                 Err(err) => {
-                    debug!(error = %err, "reading archived_seq of followed sessions failed");
+                    debug!(error = %error_chain(&err), "reading archived_seq of followed sessions failed");
                     HashMap::new()
                 }
             },
             Err(err) => {
-                debug!(error = %err, "no Postgres connection for followed sessions");
+                debug!(error = %error_chain(&err), "no Postgres connection for followed sessions");
                 HashMap::new()
             }
         };
@@ -541,6 +542,23 @@ impl Archiver {
     }
 }
 
+/// Formats an error followed by its sources. tokio-postgres keeps the
+/// useful part there: the server's own message (`database "x" does not
+/// exist`) or the cause of a failed connect (`Connection refused`).
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Returns where archiving a session resumes: after `archived`, the seq
 /// Postgres gives, but never inside the events the local store has trimmed,
 /// which it cannot read. Postgres behind the trimmed seq means it lost
@@ -622,6 +640,35 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error whose message, like tokio-postgres's, leaves the cause to
+    /// its source.
+    #[derive(Debug)]
+    struct Connect(std::io::Error);
+
+    impl std::fmt::Display for Connect {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("error connecting to server")
+        }
+    }
+
+    impl std::error::Error for Connect {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn error_chain_shows_sources() {
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        assert_eq!(
+            error_chain(&Connect(refused)),
+            "error connecting to server: Connection refused"
+        );
+        let plain = ArchiveError::Store("event 3 is missing".to_string());
+        assert_eq!(error_chain(&plain), "local store: event 3 is missing");
+    }
 
     #[test]
     fn backoff_doubles_up_to_sixteen_seconds() {

@@ -1,9 +1,13 @@
 //! `starcite-tail`: prints a session's events from a tail WebSocket, one
 //! JSON frame per line, until the server closes the socket or Ctrl-C.
+//! Exits 0 when the server closes the tail with 1000 or 1001 (normal end,
+//! shutdown), 1 on any other close code or failure, and quietly with 0
+//! when its output is closed (piped into `head`, say).
 //!
 //! Any WebSocket client can tail a session; this one ships with the server
 //! so a first session needs nothing else installed.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -41,17 +45,28 @@ async fn main() -> ExitCode {
 
     while let Some(message) = socket.next().await {
         match message {
-            Ok(Message::Text(frame)) => println!("{frame}"),
-            Ok(Message::Close(frame)) => {
-                match frame {
-                    Some(frame) => eprintln!(
-                        "server closed the tail: {} {}",
-                        u16::from(frame.code),
-                        frame.reason
-                    ),
-                    None => eprintln!("server closed the tail"),
+            Ok(Message::Text(frame)) => {
+                let mut stdout = std::io::stdout().lock();
+                if writeln!(stdout, "{frame}")
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    // The reader went away; nothing is left to print for.
+                    return ExitCode::SUCCESS;
                 }
-                return ExitCode::SUCCESS;
+            }
+            Ok(Message::Close(frame)) => {
+                let Some(frame) = frame else {
+                    eprintln!("server closed the tail");
+                    return ExitCode::SUCCESS;
+                };
+                let code = u16::from(frame.code);
+                eprintln!("server closed the tail: {code} {}", frame.reason);
+                return if matches!(code, 1000 | 1001) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                };
             }
             Ok(_) => {}
             Err(err) => {

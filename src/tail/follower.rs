@@ -193,7 +193,7 @@ impl Follower {
             .await
             .map_err(|err| FollowError::Archive {
                 session_id: self.session_id.clone(),
-                reason: err.to_string(),
+                reason: crate::archive::error_chain(&err),
             })?;
 
         let mut page = Vec::with_capacity(frames.len());
