@@ -199,18 +199,13 @@ async fn postgres_down_mid_run_loses_nothing() {
 
     let client = connect(&url).await;
     wait_for_rows(&client, session, 100, Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let metrics = common::metrics_text(&server).await;
-        if common::metric_sum(&metrics, "starcite_archive_pending_rows") == Some(0.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pending rows never went back to 0:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_metric(
+        &server,
+        "starcite_archive_pending_rows",
+        0.0,
+        Duration::from_secs(30),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,21 +304,13 @@ async fn leader_change_while_archiving_leaves_no_gap() {
         // Trims reach a replica through the shard's log, so every one of
         // them ends at the same frontier: all but the newest 10 of 200.
         let server = cluster.node(node);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let tail_size = common::metric_sum(
-                &common::metrics_text(server).await,
-                "starcite_archive_tail_size",
-            );
-            if tail_size == Some(10.0) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {node} keeps {tail_size:?} events locally, expected 10"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_for_metric(
+            server,
+            "starcite_archive_tail_size",
+            10.0,
+            Duration::from_secs(60),
+        )
+        .await;
         let frames = tail_collect(server, session, 0, 200, Duration::from_secs(30)).await;
         common::assert_gapless(&frames, 1, 200, &format!("tail from 0 on node {node}"));
     }
