@@ -17,9 +17,9 @@ const SESSIONS_PER_COMMAND: usize = 1024;
 /// Approximate maximum of event deletions per trim command. Every replica
 /// applies a command's deletions in one atomic write, so a long archived
 /// history (say, one archived by an earlier version that did not trim) is
-/// trimmed in many modest entries rather than one that could exhaust memory. A session can exceed its share
-/// by at most `tail_keep` events, when its archived seq was recorded ahead
-/// of its trimmed seq.
+/// trimmed in many modest entries rather than one that could exhaust
+/// memory. A session can exceed its share by at most `tail_keep` events,
+/// when its archived seq was recorded ahead of its trimmed seq.
 const EVENTS_PER_COMMAND: u64 = 50_000;
 
 /// Trim commands sent in one flush at most, so trimming a long backlog does
@@ -32,6 +32,17 @@ const COMMANDS_PER_FLUSH: usize = 16;
 #[derive(Default)]
 pub struct TrimQueue {
     due: HashMap<String, u64>,
+}
+
+/// The trim one queued session still needs.
+struct Planned {
+    session_id: String,
+    /// Archived seq the archive has.
+    archived: u64,
+    /// Trimmed seq of the local mark now.
+    trimmed: u64,
+    /// Trimmed seq the archived seq allows.
+    target: u64,
 }
 
 /// One session's share of a trim command.
@@ -57,7 +68,8 @@ impl TrimQueue {
         tail_keep: u64,
     ) {
         let Ok(mark) = read_mark(store, session_id) else {
-            // The state machine logs corrupt values; the next flush tries again.
+            // The codec logs the corrupt value. The session is considered
+            // again the next time it is archived.
             return;
         };
         let mark = mark.unwrap_or_default();
@@ -97,19 +109,19 @@ impl TrimQueue {
         store: &Store,
         router: &Router,
         tail_keep: u64,
-    ) -> BTreeMap<u32, Vec<(String, u64, u64, u64)>> {
-        let mut by_shard: BTreeMap<u32, Vec<(String, u64, u64, u64)>> = BTreeMap::new();
+    ) -> BTreeMap<u32, Vec<Planned>> {
+        let mut by_shard: BTreeMap<u32, Vec<Planned>> = BTreeMap::new();
         let mut done = Vec::new();
         for (session_id, archived) in &self.due {
-            let header = read_header(store, session_id).ok().flatten();
-            let mark = read_mark(store, session_id)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            let Some(header) = header else {
+            // A read that fails (the codec logs it) drops the session, which
+            // is considered again the next time it is archived.
+            let (Ok(Some(header)), Ok(mark)) =
+                (read_header(store, session_id), read_mark(store, session_id))
+            else {
                 done.push(session_id.clone());
                 continue;
             };
+            let mark = mark.unwrap_or_default();
             let target = mark
                 .advance(*archived, header.last_seq, tail_keep)
                 .trimmed_through;
@@ -120,7 +132,12 @@ impl TrimQueue {
             by_shard
                 .entry(router.shard_of(session_id))
                 .or_default()
-                .push((session_id.clone(), *archived, mark.trimmed_through, target));
+                .push(Planned {
+                    session_id: session_id.clone(),
+                    archived: *archived,
+                    trimmed: mark.trimmed_through,
+                    target,
+                });
         }
         for session_id in done {
             self.due.remove(&session_id);
@@ -159,22 +176,21 @@ impl TrimQueue {
     }
 }
 
-/// Splits one shard's planned trims, (session id, archived seq, trimmed
-/// seq, target trimmed seq), into commands of at most
+/// Splits one shard's planned trims into commands of at most
 /// [`SESSIONS_PER_COMMAND`] sessions and about [`EVENTS_PER_COMMAND`]
 /// deletions.
-fn split(planned: Vec<(String, u64, u64, u64)>) -> Vec<Vec<Step>> {
+fn split(planned: Vec<Planned>) -> Vec<Vec<Step>> {
     let mut commands = Vec::new();
     let mut current = Vec::new();
     let mut budget = EVENTS_PER_COMMAND;
-    for (session_id, archived, trimmed, target) in planned {
-        let mut from = trimmed;
-        while from < target {
-            let step = (target - from).min(budget);
-            let last = from + step == target;
+    for session in planned {
+        let mut from = session.trimmed;
+        while from < session.target {
+            let step = (session.target - from).min(budget);
+            let last = from + step == session.target;
             current.push(Step {
-                session_id: session_id.clone(),
-                archived: if last { archived } else { from + step },
+                session_id: session.session_id.clone(),
+                archived: if last { session.archived } else { from + step },
                 last,
             });
             from += step;
@@ -195,6 +211,15 @@ fn split(planned: Vec<(String, u64, u64, u64)>) -> Vec<Vec<Step>> {
 mod tests {
     use super::*;
 
+    fn planned(session_id: &str, archived: u64, trimmed: u64, target: u64) -> Planned {
+        Planned {
+            session_id: session_id.to_string(),
+            archived,
+            trimmed,
+            target,
+        }
+    }
+
     fn steps(commands: &[Vec<Step>]) -> Vec<Vec<(&str, u64, bool)>> {
         commands
             .iter()
@@ -209,7 +234,7 @@ mod tests {
 
     #[test]
     fn small_trims_share_one_command() {
-        let commands = split(vec![("a".into(), 500, 0, 400), ("b".into(), 90, 10, 80)]);
+        let commands = split(vec![planned("a", 500, 0, 400), planned("b", 90, 10, 80)]);
         assert_eq!(
             steps(&commands),
             vec![vec![("a", 500, true), ("b", 90, true)]]
@@ -218,7 +243,7 @@ mod tests {
 
     #[test]
     fn large_trim_is_cut_into_commands() {
-        let commands = split(vec![("a".into(), 120_000, 0, 119_000)]);
+        let commands = split(vec![planned("a", 120_000, 0, 119_000)]);
         assert_eq!(
             steps(&commands),
             vec![
@@ -233,8 +258,8 @@ mod tests {
     #[test]
     fn budget_carries_over_between_sessions() {
         let commands = split(vec![
-            ("a".into(), 40_000, 0, 40_000),
-            ("b".into(), 30_000, 0, 30_000),
+            planned("a", 40_000, 0, 40_000),
+            planned("b", 30_000, 0, 30_000),
         ]);
         assert_eq!(
             steps(&commands),
