@@ -228,6 +228,21 @@ async fn restart_with_the_archive_on_archives_everything_once() {
     }
     let client = connect(&url).await;
     wait_for_rows(&client, session, 80, Duration::from_secs(30)).await;
+
+    // Archived in full under the default keep count of 1000, so nothing
+    // was trimmed. A restart with a smaller one trims the idle session.
+    assert_eq!(server.sigterm().code(), Some(0));
+    drop(server);
+    let server = tokio::task::block_in_place(|| start(dir.path(), &trim_env(&url, 10)));
+    wait_for_metric(
+        &server,
+        "starcite_archive_trimmed_total",
+        70.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let frames = tail_collect(&server, session, 0, 80, Duration::from_secs(30)).await;
+    common::assert_gapless(&frames, 1, 80, "tail from 0 after trimming an idle session");
 }
 
 fn run(script: &str) {

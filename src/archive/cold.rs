@@ -12,10 +12,12 @@ use super::rows::{format_inserted_at, ArchivedFrame};
 /// of extra rows.
 const FETCH_ROWS: i32 = 128;
 
-/// Maximum time one page may take. A page normally takes milliseconds, so
-/// this ends only reads from a Postgres that stopped responding, which then
-/// close the tail with an error instead of leaving it waiting.
-const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Maximum time one page may take, longer than the pool's wait for a
+/// connection plus its connect timeout (5 s each). A page normally takes
+/// milliseconds, so this ends only reads from a Postgres that stopped
+/// responding, which then close the tail with an error instead of leaving
+/// it waiting.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Selects archived events in seq order. The JSON columns come back as
 /// text and go into the frame without being decoded into values.
@@ -35,7 +37,7 @@ pub struct ColdReader {
 /// Failure of a cold read.
 #[derive(Debug, thiserror::Error)]
 pub enum ColdError {
-    #[error("the Postgres archive is unreachable: {0}")]
+    #[error("no connection to the Postgres archive available: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("reading the Postgres archive failed: {0}")]
     Postgres(#[from] tokio_postgres::Error),
@@ -87,6 +89,7 @@ impl ColdReader {
         let statement = client.prepare_cached(SELECT_EVENTS).await?;
         // A portal lives inside a transaction; this one only reads.
         let transaction = client.build_transaction().read_only(true).start().await?;
+        transaction.batch_execute(super::TRANSACTION_LIMITS).await?;
         let portal = transaction
             .bind(
                 &statement,
@@ -98,9 +101,6 @@ impl ColdReader {
         let mut bytes = 0;
         loop {
             let rows = transaction.query_portal(&portal, FETCH_ROWS).await?;
-            if rows.is_empty() {
-                break;
-            }
             for row in &rows {
                 let (seq, frame) = render(row)?;
                 bytes += frame.len();
@@ -109,8 +109,11 @@ impl ColdReader {
                     return Ok(frames);
                 }
             }
+            // A short fetch means the portal is exhausted.
+            if rows.len() < FETCH_ROWS as usize {
+                return Ok(frames);
+            }
         }
-        Ok(frames)
     }
 }
 

@@ -139,6 +139,15 @@ fn raise(pending: &mut HashMap<String, u64>, session_id: &str, seq: u64) {
 /// responding.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Run first in every transaction of the archive. A timed-out call drops
+/// its future without cancelling the statement on the server, whose
+/// transaction then holds its row locks until it is rolled back. These
+/// limits make Postgres end such a statement or transaction after
+/// [`BATCH_TIMEOUT`]. They are set with `SET LOCAL` rather than as
+/// connection options, which poolers such as PgBouncer may reject.
+pub(crate) const TRANSACTION_LIMITS: &str = "SET LOCAL statement_timeout = 60000; \
+     SET LOCAL idle_in_transaction_session_timeout = 60000";
+
 /// Maximum wait for a Postgres connection: for a free one from the pool,
 /// or for a new one to connect. A Postgres that drops packets instead of
 /// refusing connections then fails a flush or a cold read in seconds.
@@ -156,12 +165,14 @@ pub fn pool(settings: &ArchiveSettings) -> anyhow::Result<deadpool_postgres::Poo
     }
     // Keepalives notice a Postgres host that vanished while a connection idles.
     config.keepalives_idle(Duration::from_secs(30));
-
+    // Verified recycling runs a round trip before a connection is reused,
+    // so one still busy with a timed-out statement fails the recycle
+    // timeout and is dropped instead of stalling the next caller.
     let manager = deadpool_postgres::Manager::from_config(
         config,
         tokio_postgres::NoTls,
         deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            recycling_method: deadpool_postgres::RecyclingMethod::Verified,
         },
     );
     deadpool_postgres::Pool::builder(manager)
@@ -194,7 +205,7 @@ pub struct Archiver {
 enum ArchiveError {
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("postgres connection pool: {0}")]
+    #[error("no Postgres connection available: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("local store: {0}")]
     Store(String),
@@ -288,7 +299,10 @@ impl Archiver {
 
     async fn migrate(&self) -> Result<i32, ArchiveError> {
         let mut client = self.pool.get().await?;
-        Ok(schema::migrate(&mut client).await?)
+        tokio::time::timeout(BATCH_TIMEOUT, schema::migrate(&mut client))
+            .await
+            .map_err(|_| ArchiveError::TimedOut(BATCH_TIMEOUT))?
+            .map_err(ArchiveError::from)
     }
 
     /// Archives every pending session this node leads, then sends the trims
@@ -357,25 +371,17 @@ impl Archiver {
             return 0;
         }
         let ids: Vec<&str> = followed.iter().map(|(id, _)| id.as_str()).collect();
-        let archived: HashMap<String, u64> = match self.pool.get().await {
-            Ok(client) => match client
-                .query(
-                    "SELECT id, archived_seq FROM sessions WHERE id = ANY($1)",
-                    &[&ids],
-                )
-                .await
-            {
-                Ok(rows) => rows
-                    .iter()
-                    .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
-                    .collect(),
-                Err(err) => {
-                    debug!(error = %error_chain(&err), "reading archived_seq of followed sessions failed");
-                    HashMap::new()
-                }
-            },
-            Err(err) => {
-                debug!(error = %error_chain(&err), "no Postgres connection for followed sessions");
+        let archived = match tokio::time::timeout(BATCH_TIMEOUT, self.archived_seqs(&ids)).await {
+            Ok(Ok(archived)) => archived,
+            Ok(Err(err)) => {
+                debug!(error = %error_chain(&err), "reading archived_seq of followed sessions failed");
+                HashMap::new()
+            }
+            Err(_) => {
+                debug!(
+                    timeout_ms = BATCH_TIMEOUT.as_millis() as u64,
+                    "reading archived_seq of followed sessions timed out"
+                );
                 HashMap::new()
             }
         };
@@ -388,6 +394,21 @@ impl Archiver {
             }
         }
         still_pending
+    }
+
+    /// Reads `archived_seq` of the given sessions from Postgres.
+    async fn archived_seqs(&self, ids: &[&str]) -> Result<HashMap<String, u64>, ArchiveError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, archived_seq FROM sessions WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
+            .collect())
     }
 
     /// Copies a session's unarchived events batch after batch until none is
@@ -426,8 +447,17 @@ impl Archiver {
             .await?;
         if let Some(archived) = known.filter(|archived| *archived >= header.last_seq) {
             // Postgres has it all, possibly more than this replica applied
-            // yet (it was not the leader a moment ago).
+            // yet (it was not the leader a moment ago). The trim may still be
+            // due: archived by a build that did not trim, under a larger
+            // keep count, or by a leader that died before sending it.
             self.archived.insert(session_id.to_string(), archived);
+            self.trims.schedule(
+                session_id,
+                archived,
+                header.last_seq,
+                &self.store,
+                self.settings.tail_keep,
+            );
             return Ok(0);
         }
         let archived = skip_trimmed(session_id, known.unwrap_or(0), mark.trimmed_through);
@@ -449,6 +479,7 @@ impl Archiver {
         let metadata = clean_json_text(&header.metadata);
         let title = header.title.as_deref().map(clean_text);
         let transaction = client.transaction().await?;
+        transaction.batch_execute(TRANSACTION_LIMITS).await?;
         transaction
             .execute(
                 "INSERT INTO sessions (id, title, metadata, created_at, updated_at)
@@ -668,6 +699,12 @@ mod tests {
         );
         let plain = ArchiveError::Store("event 3 is missing".to_string());
         assert_eq!(error_chain(&plain), "local store: event 3 is missing");
+    }
+
+    #[test]
+    fn transaction_limits_match_the_batch_timeout() {
+        let millis = BATCH_TIMEOUT.as_millis().to_string();
+        assert_eq!(TRANSACTION_LIMITS.matches(millis.as_str()).count(), 2);
     }
 
     #[test]

@@ -18,8 +18,9 @@ const SESSIONS_PER_COMMAND: usize = 1024;
 /// applies a command's deletions in one atomic write, so a long archived
 /// history (say, one archived by an earlier version that did not trim) is
 /// trimmed in many modest entries rather than one that could exhaust
-/// memory. A session can exceed its share by at most `tail_keep` events,
-/// when its archived seq was recorded ahead of its trimmed seq.
+/// memory. A session can exceed its share when its archived seq was
+/// recorded ahead of its trimmed seq, by at most the keep count in force
+/// when that was recorded.
 const EVENTS_PER_COMMAND: u64 = 50_000;
 
 /// Trim commands sent in one flush at most, so trimming a long backlog does
@@ -32,6 +33,9 @@ const COMMANDS_PER_FLUSH: usize = 16;
 #[derive(Default)]
 pub struct TrimQueue {
     due: HashMap<String, u64>,
+    /// Shard whose trims go first in the next flush. It moves on every
+    /// flush, so a long backlog of one shard cannot hold up the others.
+    first_shard: u32,
 }
 
 /// The trim one queued session still needs.
@@ -56,9 +60,9 @@ struct Step {
 }
 
 impl TrimQueue {
-    /// Queues the trim that an archived seq allows, if any. Only once the
-    /// archive is more than `tail_keep` events behind the session's end does
-    /// a trim delete anything, so shorter sessions add no log entries.
+    /// Queues the trim that an archived seq allows, if any. A trim deletes
+    /// something only once archived events lie more than `tail_keep` behind
+    /// the session's last seq, so shorter sessions add no log entries.
     pub fn schedule(
         &mut self,
         session_id: &str,
@@ -85,8 +89,12 @@ impl TrimQueue {
         if self.due.is_empty() {
             return;
         }
+        let mut plan = self.plan(store, router, tail_keep);
+        let later = plan.split_off(&self.first_shard);
+        self.first_shard = self.first_shard.wrapping_add(1) % router.topology().shards().max(1);
+
         let mut sent = 0;
-        for (shard, steps) in self.plan(store, router, tail_keep) {
+        for (shard, steps) in later.into_iter().chain(plan) {
             for command in split(steps) {
                 if sent == COMMANDS_PER_FLUSH {
                     info!(
@@ -96,7 +104,11 @@ impl TrimQueue {
                     return;
                 }
                 sent += 1;
-                self.send_one(shard, command, router, tail_keep).await;
+                if !self.send_one(shard, command, router, tail_keep).await {
+                    // The shard has no leader or quorum now, and each
+                    // further attempt would wait as long again.
+                    break;
+                }
             }
         }
     }
@@ -145,7 +157,14 @@ impl TrimQueue {
         by_shard
     }
 
-    async fn send_one(&mut self, shard: u32, steps: Vec<Step>, router: &Router, tail_keep: u64) {
+    /// Sends one command and returns whether the shard's log took it.
+    async fn send_one(
+        &mut self,
+        shard: u32,
+        steps: Vec<Step>,
+        router: &Router,
+        tail_keep: u64,
+    ) -> bool {
         let sessions: Vec<(String, u64)> = steps
             .iter()
             .map(|step| (step.session_id.clone(), step.archived))
@@ -165,12 +184,15 @@ impl TrimQueue {
                         self.due.remove(&step.session_id);
                     }
                 }
+                true
             }
             Ok(other) => {
                 warn!(shard, outcome = ?other, "trim command got an unexpected outcome; retrying next flush");
+                false
             }
             Err(err) => {
                 warn!(shard, sessions = count, error = %err, "sending a trim through the shard's log failed; retrying next flush");
+                false
             }
         }
     }

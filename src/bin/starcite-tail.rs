@@ -1,8 +1,9 @@
 //! `starcite-tail`: prints a session's events from a tail WebSocket, one
 //! JSON frame per line, until the server closes the socket or Ctrl-C.
-//! Exits 0 when the server closes the tail with 1000 or 1001 (normal end,
-//! shutdown), 1 on any other close code or failure, and quietly with 0
-//! when its output is closed (piped into `head`, say).
+//! Exits 0 when the tail ends normally (close code 1000 or 1001, a close
+//! without a code, or the stream ending) and quietly with 0 when its output
+//! is closed (piped into `head`, say). Exits 1 on any other close code and
+//! when connecting or reading fails.
 //!
 //! Any WebSocket client can tail a session; this one ships with the server
 //! so a first session needs nothing else installed.

@@ -33,6 +33,11 @@ use crate::storage::{keys, Store};
 
 const SNAPSHOT: u8 = b's';
 
+/// Event deletions after which `apply` commits the batch at the next entry
+/// boundary. One trim command requests about 50,000 (see the archive's trim
+/// queue), so this lets a few commands share a write.
+const MAX_DELETIONS_PER_WRITE: u64 = 200_000;
+
 /// Last applied log id and membership of a shard, stored with its state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct AppliedState {
@@ -59,11 +64,14 @@ struct PendingWrites {
     /// Store key of each event appended in this batch, with its index in
     /// `events`. They are written to the batch only at the end, because a
     /// follower catching up may apply an append and the trim covering it in
-    /// one batch. The trim then drops the insert, and the batch never holds
-    /// an insert and a remove of one key, whose order fjall does not define.
+    /// one batch. The trim then drops the insert, and the batch never contains
+    /// an insert and a remove of one key, whose order fjall does not
+    /// document.
     new_events: HashMap<Vec<u8>, usize>,
     /// (session id, events deleted from the local store)
     trims: Vec<(String, u64)>,
+    /// Event deletions added to the batch so far.
+    deletions: u64,
 }
 
 impl StateMachine {
@@ -151,6 +159,56 @@ impl StateMachine {
             .transpose()
     }
 
+    /// Writes what the entries applied so far produced, with `state` as the
+    /// applied point, in one atomic batch, then hands the applied events to
+    /// the sink and reports the trims.
+    fn commit(
+        &self,
+        mut batch: fjall::Batch,
+        mut pending: PendingWrites,
+        state: &AppliedState,
+    ) -> Result<(), StorageError<u64>> {
+        for (key, index) in pending.new_events.drain() {
+            batch.insert(
+                &self.store.events,
+                key,
+                pending.events[index].frame.as_bytes(),
+            );
+        }
+        for (id, header) in &pending.headers {
+            batch.insert(&self.store.sessions, keys::session(id), encode(header));
+        }
+        for (id, mark) in &pending.marks {
+            batch.insert(
+                &self.store.archive_marks,
+                keys::archive_mark(id),
+                encode(mark),
+            );
+        }
+        batch.insert(&self.store.applied, self.shard.to_be_bytes(), encode(state));
+        batch.commit().map_err(|err| {
+            error!(shard = self.shard, error = %err, "state machine write failed");
+            io_error(ErrorSubject::StateMachine, ErrorVerb::Write, err)
+        })?;
+
+        // Published only now, so a tail that sees an event live can also read
+        // every earlier event from the store.
+        if !pending.events.is_empty() {
+            self.sink.publish(pending.events);
+        }
+        if !pending.trims.is_empty() {
+            let events: u64 = pending.trims.iter().map(|(_, count)| count).sum();
+            debug!(
+                shard = self.shard,
+                sessions = pending.trims.len(),
+                events,
+                "archived events trimmed from the local store"
+            );
+            self.sink.trimmed(self.shard, &pending.trims);
+        }
+        Ok(())
+    }
+
     fn mark(&self, id: &str, pending: &PendingWrites) -> Result<ArchiveMark, StorageError<u64>> {
         if let Some(mark) = pending.marks.get(id) {
             return Ok(*mark);
@@ -202,13 +260,9 @@ impl StateMachine {
                 let key = keys::event(id, seq);
                 if pending.new_events.remove(&key).is_none() {
                     batch.remove(&self.store.events, key);
+                    pending.deletions += 1;
                 }
             }
-            batch.insert(
-                &self.store.archive_marks,
-                keys::archive_mark(id),
-                encode(&after),
-            );
             let count = after.trimmed_through - before.trimmed_through;
             if count > 0 {
                 pending.trims.push((id.clone(), count));
@@ -361,43 +415,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             };
             outcomes.push(outcome);
+
+            // openraft hands over every committed entry not applied yet, so
+            // a follower catching up on trims could gather millions of
+            // deletions here. Committing at an entry boundary, with the
+            // applied point of that entry, bounds the batch and keeps each
+            // write atomic with the applied point it records.
+            if pending.deletions >= MAX_DELETIONS_PER_WRITE {
+                let full = std::mem::replace(&mut batch, self.store.keyspace.batch());
+                self.commit(full, std::mem::take(&mut pending), &state)?;
+            }
         }
 
-        for (key, index) in pending.new_events.drain() {
-            batch.insert(
-                &self.store.events,
-                key,
-                pending.events[index].frame.as_bytes(),
-            );
-        }
-        for (id, header) in &pending.headers {
-            batch.insert(&self.store.sessions, keys::session(id), encode(header));
-        }
-        batch.insert(
-            &self.store.applied,
-            self.shard.to_be_bytes(),
-            encode(&state),
-        );
-        batch.commit().map_err(|err| {
-            error!(shard = self.shard, error = %err, "state machine write failed");
-            io_error(ErrorSubject::StateMachine, ErrorVerb::Write, err)
-        })?;
-
-        // Published only now, so a tail that sees an event live can also read
-        // every earlier event from the store.
-        if !pending.events.is_empty() {
-            self.sink.publish(pending.events);
-        }
-        if !pending.trims.is_empty() {
-            let events: u64 = pending.trims.iter().map(|(_, count)| count).sum();
-            debug!(
-                shard = self.shard,
-                sessions = pending.trims.len(),
-                events,
-                "archived events trimmed from the local store"
-            );
-            self.sink.trimmed(self.shard, &pending.trims);
-        }
+        self.commit(batch, pending, &state)?;
         Ok(outcomes)
     }
 
@@ -539,5 +569,109 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use openraft::{CommittedLeaderId, LogId};
+
+    use super::*;
+    use crate::storage::StoreSettings;
+
+    /// Collects what the state machine reports.
+    #[derive(Default)]
+    struct Recorder {
+        published: Mutex<Vec<u64>>,
+        trimmed: Mutex<u64>,
+    }
+
+    impl EventSink for Recorder {
+        fn publish(&self, events: Vec<AppliedEvent>) {
+            let mut published = self.published.lock().unwrap();
+            published.extend(events.iter().map(|event| event.seq));
+        }
+
+        fn trimmed(&self, _shard: u32, sessions: &[(String, u64)]) {
+            *self.trimmed.lock().unwrap() += sessions.iter().map(|(_, n)| n).sum::<u64>();
+        }
+    }
+
+    fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Normal(Arc::new(command)),
+        }
+    }
+
+    fn append(seq: u64) -> Command {
+        Command::Append(AppendCommand {
+            session_id: "ses_a".to_string(),
+            frame_tail: format!("\"type\":\"t\",\"n\":{seq}}}"),
+            fingerprint: [0; 32],
+            idempotency_key: None,
+            expected_seq: None,
+            now: seq,
+        })
+    }
+
+    fn trim(archived_seq: u64, tail_keep: u64) -> Command {
+        Command::Archived(ArchivedCommand {
+            sessions: vec![("ses_a".to_string(), archived_seq)],
+            tail_keep,
+        })
+    }
+
+    /// A follower catching up applies appends and the trims that cover
+    /// them in one call: the trimmed events must be gone, the rest kept.
+    #[tokio::test]
+    async fn trim_in_the_same_apply_as_its_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = StoreSettings {
+            cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+        };
+        let store = Store::open(dir.path(), 1, &tuning).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let running = Arc::new(AtomicBool::new(false));
+        let mut machine = StateMachine::new(0, store.clone(), recorder.clone(), running);
+
+        let mut entries = vec![entry(
+            1,
+            Command::CreateSession(CreateCommand {
+                id: "ses_a".to_string(),
+                title: None,
+                metadata: "{}".to_string(),
+                now: 0,
+            }),
+        )];
+        entries.extend((1..=10).map(|seq| entry(seq + 1, append(seq))));
+        entries.push(entry(12, trim(6, 3)));
+        entries.push(entry(13, trim(9, 3)));
+        let outcomes = machine.apply(entries).await.unwrap();
+
+        assert_eq!(outcomes[11], Outcome::Archived { trimmed: 6 });
+        assert_eq!(outcomes[12], Outcome::Archived { trimmed: 1 });
+        let stored: Vec<u64> = store
+            .events
+            .prefix(keys::event_prefix("ses_a"))
+            .map(|item| keys::event_seq(&item.unwrap().0).unwrap())
+            .collect();
+        assert_eq!(stored, vec![8, 9, 10], "events 1 to 7 are trimmed");
+        assert_eq!(
+            read_mark(&store, "ses_a").unwrap(),
+            Some(ArchiveMark {
+                archived_seq: 9,
+                trimmed_through: 7
+            })
+        );
+        assert_eq!(
+            *recorder.published.lock().unwrap(),
+            (1..=10).collect::<Vec<_>>(),
+            "every applied event reaches the tails, trimmed or not"
+        );
+        assert_eq!(*recorder.trimmed.lock().unwrap(), 7);
     }
 }
