@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,22 +26,36 @@ pub struct Cluster {
     _dirs: Vec<TempDir>,
 }
 
-/// Finds `count` free loopback ports. The listeners are dropped before the
-/// nodes bind the ports, so another process could take one in between, which
-/// shows up as a node that fails to start.
+/// Ports handed out for peer addresses: below Linux's default ephemeral
+/// range (32768 to 60999), so no listener on port 0 and no outgoing
+/// connection of a concurrent test can take one between the check below
+/// and the node binding it.
+const PEER_PORTS: std::ops::Range<u32> = 20_000..32_000;
+
+/// Next candidate in [`PEER_PORTS`], shared by every test of this binary so
+/// that concurrent tests get distinct ports. Zero until first used.
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+
+/// Finds `count` free loopback ports for nodes to bind later.
 pub fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<StdTcpListener> = (0..count)
-        .map(|_| StdTcpListener::bind("127.0.0.1:0").expect("binding a free port failed"))
-        .collect();
-    listeners
-        .iter()
-        .map(|listener| {
-            listener
-                .local_addr()
-                .expect("listener has no address")
-                .port()
-        })
-        .collect()
+    let span = PEER_PORTS.end - PEER_PORTS.start;
+    // Each process starts at its own place, so that runs on one machine
+    // seldom try the same ports.
+    let _ = NEXT_PORT.compare_exchange(
+        0,
+        std::process::id() % span + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let mut ports = Vec::with_capacity(count);
+    while ports.len() < count {
+        let candidate = PEER_PORTS.start + NEXT_PORT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = candidate as u16;
+        if StdTcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// Builds `CLUSTER_NODES` for nodes reachable at `ports`, where index `i` is
