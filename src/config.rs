@@ -109,8 +109,8 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub archive_batch_size: u64,
 
-    /// Newest events of each session kept in the local store once archived;
-    /// older ones are deleted there and read back from Postgres by tails
+    /// Newest events of each session kept in the local store once archived.
+    /// Older ones are deleted there and read back from Postgres by tails
     /// that start before them. Applies only with the archive on. The minimum
     /// is 1, because a replica that installs a snapshot wakes its open
     /// tails with each session's newest local event.

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use tracing::{error, warn};
 
-use crate::consensus::state_machine::{read_header, read_mark};
+use crate::consensus::codec::decode;
+use crate::consensus::state_machine::read_mark;
+use crate::session::header::SessionHeader;
 use crate::storage::{keys, Store};
 
 /// Events in the local store, per shard.
@@ -62,8 +64,8 @@ pub fn scan(store: &Store) -> StoredSessions {
     let hot = HotEvents::new(shards);
     let mut sessions = Vec::new();
     for item in store.sessions.iter() {
-        let key = match item {
-            Ok((key, _)) => key,
+        let (key, value) = match item {
+            Ok(pair) => pair,
             Err(err) => {
                 error!(
                     error = %err,
@@ -75,8 +77,8 @@ pub fn scan(store: &Store) -> StoredSessions {
             }
         };
         let id = String::from_utf8_lossy(&key).into_owned();
-        // Decode failures are logged by the state machine's codec.
-        let Ok(Some(header)) = read_header(store, &id) else {
+        // The codec logs a value it cannot decode.
+        let Ok(header) = decode::<SessionHeader>(&value, "session header") else {
             continue;
         };
         let trimmed = match read_mark(store, &id) {

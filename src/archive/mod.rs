@@ -453,9 +453,9 @@ impl Archiver {
             self.archived.insert(session_id.to_string(), archived);
             self.trims.schedule(
                 session_id,
+                mark,
                 archived,
                 header.last_seq,
-                &self.store,
                 self.settings.tail_keep,
             );
             return Ok(0);
@@ -511,9 +511,9 @@ impl Archiver {
         self.archived.insert(session_id.to_string(), upto);
         self.trims.schedule(
             session_id,
+            mark,
             upto,
             header.last_seq,
-            &self.store,
             self.settings.tail_keep,
         );
         debug!(
@@ -691,10 +691,10 @@ mod tests {
 
     #[test]
     fn error_chain_shows_sources() {
-        let refused =
+        let connection_error =
             std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
         assert_eq!(
-            error_chain(&Connect(refused)),
+            error_chain(&Connect(connection_error)),
             "error connecting to server: Connection refused"
         );
         let plain = ArchiveError::Store("event 3 is missing".to_string());

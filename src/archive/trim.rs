@@ -9,6 +9,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::Router;
 use crate::consensus::state_machine::{read_header, read_mark};
 use crate::consensus::{ArchivedCommand, Command, Outcome};
+use crate::session::retention::ArchiveMark;
 use crate::storage::Store;
 
 /// Sessions in one trim command at most.
@@ -63,20 +64,17 @@ impl TrimQueue {
     /// Queues the trim that an archived seq allows, if any. A trim deletes
     /// something only once archived events lie more than `tail_keep` behind
     /// the session's last seq, so shorter sessions add no log entries.
+    /// `mark` is the session's mark as the caller read it; one that moved
+    /// on since only makes the queued trim a no-op, which [`Self::plan`]
+    /// drops.
     pub fn schedule(
         &mut self,
         session_id: &str,
+        mark: ArchiveMark,
         archived: u64,
         last_seq: u64,
-        store: &Store,
         tail_keep: u64,
     ) {
-        let Ok(mark) = read_mark(store, session_id) else {
-            // The codec logs the corrupt value. The session is considered
-            // again the next time it is archived.
-            return;
-        };
-        let mark = mark.unwrap_or_default();
         if mark.advance(archived, last_seq, tail_keep).trimmed_through > mark.trimmed_through {
             let due = self.due.entry(session_id.to_string()).or_default();
             *due = (*due).max(archived);

@@ -55,7 +55,7 @@ pub trait EventSink: Send + Sync + 'static {
     fn trimmed(&self, _shard: u32, _sessions: &[(String, u64)]) {}
 
     /// Reports that a snapshot replaced the state of `shard`, which now
-    /// contains `stored` events in the local store. `newest` holds the newest
+    /// contains `stored` events in the local store. `newest` contains the newest
     /// event of each session in it, which wakes open tails: those events
     /// were not applied one by one, so they must not count as new.
     fn replaced(&self, _shard: u32, _stored: u64, newest: Vec<AppliedEvent>) {

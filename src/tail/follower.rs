@@ -4,9 +4,9 @@
 //! events. Replay below that frontier reads them from Postgres, in pages
 //! that end at the frontier, and then goes on in the local store. The seam
 //! is the single seq where one source ends and the other starts, so nothing
-//! is skipped or sent twice. Each local read sees the header, the archive
+//! is skipped or sent twice. Each local read takes the header, the archive
 //! mark and the events at one instant of the store, so a trim running at the
-//! same time cannot make it see a gap.
+//! same time cannot show it a gap.
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::broadcast::error::RecvError;
